@@ -1,0 +1,18 @@
+"""microgpt: train small GPTs fast, then make them smaller still.
+
+    model, tokenizer = microgpt.load("outputs/.../checkpoints/last.ckpt")
+    logits = model(torch.tensor([tokenizer.encode("hello")]))   # (1, T, vocab)
+"""
+
+from microgpt.config import GPTConfig
+from microgpt.model import GPT, build_model
+
+__version__ = "0.1.0"
+__all__ = ["GPT", "GPTConfig", "build_model", "load", "__version__"]
+
+
+def load(path, map_location="cpu"):
+    """Rebuild (model, tokenizer) from a checkpoint written by train.py; no Hydra needed."""
+    from microgpt.checkpoint import load as _load
+
+    return _load(path, map_location)

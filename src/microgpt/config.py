@@ -1,0 +1,102 @@
+"""GPTConfig: everything needed to rebuild a model, and nothing about how it was trained.
+
+A checkpoint stores `asdict(config)`; `GPTConfig(**d)` rebuilds the same module tree without Hydra.
+Components are named (`attention="gqa"`) and looked up in `microgpt.registry` at build time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from microgpt.errors import ConfigError
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    block_size: int = 64  # longest sequence the model sees (learned positions cap generation at this)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None -> n_head; gqa/mqa share each key/value head across a group
+    n_embd: int = 128
+    mlp_hidden: int | None = None  # None -> 4*n_embd for gelu, ~8/3*n_embd (multiple of 64) for swiglu
+    dropout: float = 0.0
+    bias: bool = False  # bias in Linear and LayerNorm layers (GPT-2: True; nanoGPT baby: False)
+    attention: str = "mha"  # mha | gqa | mqa | sliding | <registered by a plugin>
+    window: int | None = None  # sliding: each query sees the last `window` positions (itself included)
+    position: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    tie_embeddings: bool = True  # the output head reads the token embedding's weight
+    n_unique_layers: int | None = None  # cross-layer sharing: k unique blocks reused cyclically over n_layer
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1.3x slower
+    init_std: float = 0.02
+    # structural transforms applied after build, in order, e.g. [{"name": "qat", "scheme": "8da4w"}];
+    # recorded here so that loading a checkpoint rebuilds the converted module tree before its weights
+    converters: list[dict[str, Any]] = field(default_factory=list)
+    # free-form options for components registered by plugins (keeps GPTConfig closed to typos)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = {"mqa": 1}.get(self.attention, self.n_head)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":  # keep params ~equal to a 4x GELU MLP: 3 matrices of 8/3*C
+            return 64 * ((int(8 * self.n_embd / 3) + 63) // 64)
+        return 4 * self.n_embd
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
+            v = getattr(self, k)
+            need(isinstance(v, int) and v > 0, f"model.{k} must be a positive integer, got {v!r}")
+        need(
+            self.n_embd % self.n_head == 0,
+            f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; pick n_embd a multiple of n_head",
+        )
+        need(
+            self.n_head % self.n_kv_head == 0,
+            f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head}; "
+            "pick n_kv_head that divides n_head",
+        )
+        if self.position == "rope":
+            need(self.head_dim % 2 == 0, f"rope needs an even head size, got n_embd/n_head={self.head_dim}")
+        if self.attention == "sliding":
+            need(
+                isinstance(self.window, int) and self.window > 0,
+                f"attention=sliding needs model.window > 0, got {self.window!r}",
+            )
+        need(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.n_unique_layers is not None:
+            need(
+                0 < self.n_unique_layers <= self.n_layer,
+                f"model.n_unique_layers must be in 1..n_layer={self.n_layer}, got {self.n_unique_layers}",
+            )
+        if self.mlp_hidden is not None:
+            need(self.mlp_hidden > 0, f"model.mlp_hidden must be > 0, got {self.mlp_hidden}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model keys {unknown}; valid keys are: {', '.join(sorted(known))}")
+        return cls(**d)

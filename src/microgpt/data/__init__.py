@@ -1,0 +1,48 @@
+"""Data layer: text sources, tokenizers and the TokenDataModule that turns text into batches."""
+
+from __future__ import annotations
+
+from microgpt.data.datamodule import RandomWindows, TokenDataModule, ValWindows, batch_seed
+from microgpt.data.sources import (
+    SHAKESPEARE_URL,
+    cache_root,
+    hf_source,
+    read_text_files,
+    resolve_text_paths,
+    shakespeare_source,
+    stdlib_source,
+    text_source,
+)
+from microgpt.data.tokenizers import (
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    bits_per_byte,
+    build_tokenizer,
+    tokenizer_from_dict,
+)
+
+__all__ = [
+    "SHAKESPEARE_URL",
+    "BPETokenizer",
+    "ByteTokenizer",
+    "CharTokenizer",
+    "HFTokenizer",
+    "RandomWindows",
+    "TokenDataModule",
+    "Tokenizer",
+    "ValWindows",
+    "batch_seed",
+    "bits_per_byte",
+    "build_tokenizer",
+    "cache_root",
+    "hf_source",
+    "read_text_files",
+    "resolve_text_paths",
+    "shakespeare_source",
+    "stdlib_source",
+    "text_source",
+    "tokenizer_from_dict",
+]

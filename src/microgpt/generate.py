@@ -1,0 +1,79 @@
+"""Sample text from a checkpoint, streaming tokens to stdout as they are generated.
+
+    python -m microgpt.generate ckpt=PATH prompt="ROMEO:" max_new_tokens=200 temperature=0.8 top_k=50
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from microgpt.cli import CONF_DIR, exit_on_error, quiet_env
+from microgpt.errors import ConfigError
+
+
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, out=sys.stdout, **sampling) -> str:
+    """Generate after `prompt`, writing text to `out` as it comes; returns the generated text."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:  # an empty prompt starts from token 0 (a newline for char models trained on text)
+        ids = [0]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    new: list[int] = []
+    shown = ""
+    for tok in model.generate_stream(idx, max_new_tokens, **sampling):
+        new.append(int(tok[0, 0]))
+        # decode the whole tail each time: byte/BPE tokens can end mid-character, so print only what is settled
+        text = tokenizer.decode(new)
+        settled = text.rstrip("\ufffd")
+        if len(settled) > len(shown):
+            out.write(settled[len(shown) :])
+            out.flush()
+            shown = settled
+    text = tokenizer.decode(new)
+    if len(text) > len(shown):
+        out.write(text[len(shown) :])
+    out.write("\n")
+    out.flush()
+    return text
+
+
+def generate(cfg: DictConfig) -> list[str]:
+    from microgpt import load
+
+    if cfg.max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {cfg.max_new_tokens}")
+    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {cfg.top_p}")
+    model, tokenizer = load(cfg.ckpt, map_location=cfg.device)
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    texts = []
+    for _ in range(cfg.num_samples):
+        sys.stdout.write(cfg.prompt)
+        texts.append(
+            stream_text(
+                model,
+                tokenizer,
+                cfg.prompt,
+                cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                generator=gen,
+            )
+        )
+    return texts
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
+@exit_on_error
+def main(cfg: DictConfig) -> None:
+    generate(cfg)
+
+
+if __name__ == "__main__":
+    quiet_env()
+    main()

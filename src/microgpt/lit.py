@@ -1,0 +1,147 @@
+"""The LightningModule: a thin shell around GPT that owns the training step, metrics and optimizer.
+
+Everything else (strategy, callbacks, loggers, the optimizer class) comes from Hydra `_target_`s.
+Plugins change training by replacing `self.objective` (a plain callable, not a submodule, so a
+distillation teacher it holds never enters this module's state_dict, optimizer or sharding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from microgpt.config import GPTConfig
+from microgpt.errors import TrainingError
+from microgpt.metrics import LMMetrics
+from microgpt.model import GPT, build_model
+
+
+def cross_entropy(module: LitGPT, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The default objective: next-token cross-entropy."""
+    x, y = batch
+    logits = module(x)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+    return {"loss": loss}
+
+
+def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio at decay_steps, then flat (nanoGPT's get_lr)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step >= decay_steps:
+        return min_lr_ratio
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_lr_ratio)
+
+
+class LitGPT(L.LightningModule):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        warmup_steps: int = 100,
+        decay_steps: int = 2000,
+        min_lr: float = 1e-4,
+        tokenizer: dict[str, Any] | None = None,
+        bytes_per_token: float = 1.0,
+        compile: bool = False,
+        plugins: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        # hyperparameters are plain data (no callables): a checkpoint loads with weights_only=True and
+        # rebuilds model and tokenizer without Hydra
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.model: GPT = build_model(GPTConfig.from_dict(dict(model)))
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
+        self.objective: Callable[[LitGPT, Any], dict[str, torch.Tensor]] = cross_entropy
+        self.val_metrics = LMMetrics(bytes_per_token)
+        self._compiled: Callable | None = None
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and self._compiled is None:
+            # compile the inner model but keep it out of the module tree: state_dict keys stay plain
+            object.__setattr__(self, "_compiled", torch.compile(self.model))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return (self._compiled or self.model)(idx)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        out = self.objective(self, batch)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss.item()} at step {self.global_step}; the last good checkpoint is kept. "
+                "Lower optimizer.lr, raise warmup, or use trainer.gradient_clip_val"
+            )
+        self.log("train_loss", loss, prog_bar=True)
+        for k, v in out.items():
+            if k != "loss":
+                self.log(f"train_{k}", v)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        self.val_metrics.update(loss, y.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        m = self.val_metrics.compute()
+        self.log("val_loss", m["loss"], prog_bar=True, sync_dist=False)
+        self.log("val_ppl", m["perplexity"])
+        self.log("val_bpb", m["bits_per_byte"], prog_bar=True)
+        self.val_metrics.reset()
+
+    def configure_optimizers(self):
+        # weight decay only on matrices that multiply activations: not on norms, biases or embeddings
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_matrix = p.dim() >= 2 and "wte" not in name and "wpe" not in name and "emb" not in name
+            (decay if is_matrix else no_decay).append(p)
+        factory = self.optimizer_factory
+        wd = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
+        groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+        kwargs = {}
+        if "fused" not in getattr(factory, "keywords", {}) and _fused_ok(factory, decay + no_decay):
+            kwargs["fused"] = True  # one kernel for the whole update instead of a loop over tensors
+        optimizer = factory(groups, **kwargs)
+        base_lr = optimizer.param_groups[0]["lr"]
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            partial(
+                lr_lambda,
+                warmup_steps=self.hparams.warmup_steps,
+                decay_steps=self.hparams.decay_steps,
+                min_lr_ratio=self.hparams.min_lr / base_lr,
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # exact resume: dropout and sampling draw from torch's global RNG; keep it with the checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_torch" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_torch"])
+        if "rng_cuda" in checkpoint and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+
+
+def _fused_ok(factory, params) -> bool:
+    cls = getattr(factory, "func", factory)
+    if cls not in (torch.optim.AdamW, torch.optim.Adam) or not params:
+        return False
+    dev = params[0].device.type
+    # fused AdamW exists for CUDA and (torch >= 2.4) CPU; DTensor/meta params take the default path
+    return dev in ("cuda", "cpu") and all(type(p) is torch.nn.Parameter for p in params)

@@ -1,0 +1,208 @@
+"""Training entry point: `run(cfg)` turns a composed Hydra config into a Lightning run.
+
+The root `train.py` is a thin @hydra.main shim around `main`; tests call `run(cfg)` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from microgpt.checkpoint import read_checkpoint
+from microgpt.config import GPTConfig
+from microgpt.errors import CheckpointError, ConfigError, MicroGPTError
+from microgpt.plugins import load_plugins, plugin_origin
+
+log = logging.getLogger("microgpt")
+
+
+def _instantiate(node: Any, what: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate with a one-line error naming the config group to fix."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, MicroGPTError):
+            raise cause from None
+        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ConfigError(f"cannot build {what}: {msg}; check the `{what}` settings") from None
+    except MicroGPTError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot build {what}: {str(e).splitlines()[0]}; check the `{what}` settings") from None
+
+
+def model_config(cfg: DictConfig, vocab_size: int) -> GPTConfig:
+    """cfg.model (a Hydra node) -> a validated GPTConfig; converters go from {name: opts} to a list."""
+    raw = OmegaConf.to_container(cfg.model, resolve=True)
+    converters = raw.pop("converters", None) or {}
+    if isinstance(converters, dict):  # plugins add `model.converters.NAME`; keep composition order unless `order`
+        items = [{"name": k, **(v or {})} for k, v in converters.items() if v is not False]
+        converters = sorted(items, key=lambda s: s.get("order", 0))
+        for s in converters:
+            s.pop("order", None)
+    if raw.get("vocab_size") is None:
+        raw["vocab_size"] = vocab_size
+    elif raw["vocab_size"] < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={raw['vocab_size']} is smaller than the tokenizer's {vocab_size} tokens; "
+            "remove model.vocab_size or raise it"
+        )
+    schema = OmegaConf.structured(GPTConfig)
+    try:
+        typed = OmegaConf.merge(schema, {**raw, "converters": []})
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad model setting: {str(e).splitlines()[0]} (full key: model.{e.key})") from None
+    d = OmegaConf.to_container(typed)
+    d["converters"] = converters
+    return GPTConfig.from_dict(d)
+
+
+def _check_run_settings(cfg: DictConfig) -> None:
+    def positive(key: str, value: Any) -> None:
+        if value is None or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+    positive("optimizer.lr", cfg.optimizer.get("lr"))
+    positive("trainer.max_steps", cfg.trainer.get("max_steps"))
+    positive("data.batch_size", cfg.data.get("batch_size"))
+    if cfg.scheduler.warmup_steps < 0:
+        raise ConfigError(f"scheduler.warmup_steps must be >= 0, got {cfg.scheduler.warmup_steps}")
+    if cfg.scheduler.min_lr < 0 or cfg.scheduler.min_lr > cfg.optimizer.lr:
+        raise ConfigError(f"scheduler.min_lr must be in [0, optimizer.lr={cfg.optimizer.lr}], got {cfg.scheduler.min_lr}")
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    p = cfg.get("ckpt_path")
+    if p is None:
+        return None
+    if p == "last":
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        log.info("ckpt_path=last: no %s yet, starting from scratch", last)
+        return None
+    if not Path(p).is_file():
+        raise CheckpointError(f"ckpt_path {p} does not exist; pass a .ckpt file or ckpt_path=last")
+    return str(p)
+
+
+def _check_same_model(ckpt: dict[str, Any], cfg: GPTConfig, path: str) -> None:
+    saved = dict(ckpt["hyper_parameters"]["model"])
+    now = cfg.to_dict()
+    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        raise CheckpointError(
+            f"cannot resume {path}: the model differs from the checkpoint ({'; '.join(diff)}); "
+            "use the checkpoint's model settings or start a new run"
+        )
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    return [_instantiate(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c]
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [_instantiate(c, f"logger.{k}") for k, c in (cfg.get("logger") or {}).items() if c]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train. Returns {'val_loss', 'best_val_loss', 'best_ckpt', 'last_ckpt', 'output_dir', 'trainer', 'module'}."""
+    out_dir = Path(cfg.paths.output_dir)
+    existed = out_dir.is_dir() and any(p.name not in (".hydra", "train.log") for p in out_dir.iterdir())
+    state = {"fitting": False}
+    try:
+        return _run(cfg, out_dir, state)
+    except MicroGPTError:
+        # bad input found before training started: leave no half-made run directory behind
+        if not existed and not state["fitting"]:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, Any]:
+    import lightning as L
+
+    from microgpt.lit import LitGPT
+
+    plugin_names = list((cfg.get("plugins") or {}).keys())
+    mods = load_plugins(plugin_names)
+    for mod in mods.values():
+        if hasattr(mod, "check_config"):
+            mod.check_config(cfg)
+    _check_run_settings(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    ckpt_path = resolve_ckpt_path(cfg)
+    ckpt = read_checkpoint(ckpt_path) if ckpt_path else None
+    tokenizer = None
+    if ckpt is not None:
+        from microgpt.data.tokenizers import tokenizer_from_dict
+
+        tokenizer = tokenizer_from_dict(ckpt["hyper_parameters"]["tokenizer"])
+
+    dm = _instantiate(cfg.data, "data", tokenizer_obj=tokenizer)
+    dm.setup("fit")
+    mcfg = model_config(cfg, dm.vocab_size)
+    if mcfg.block_size < dm.block_size:
+        raise ConfigError(f"data.block_size={dm.block_size} exceeds model.block_size={mcfg.block_size}; make them equal")
+    if ckpt is not None:
+        _check_same_model(ckpt, mcfg, ckpt_path)
+
+    module = LitGPT(
+        model=mcfg.to_dict(),
+        optimizer=_instantiate(cfg.optimizer, "optimizer"),
+        warmup_steps=cfg.scheduler.warmup_steps,
+        decay_steps=cfg.scheduler.decay_steps,
+        min_lr=cfg.scheduler.min_lr,
+        tokenizer=dm.tokenizer.to_dict(),
+        bytes_per_token=dm.bytes_per_token,
+        compile=cfg.compile,
+        plugins=plugin_origin(mods),
+    )
+    trainer = _instantiate(cfg.trainer, "trainer", callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
+    if trainer.is_global_zero:
+        n = module.model.num_params()
+        log.info("model: %s parameters (%.2fM)", f"{n:,}", n / 1e6)
+        print(f"model: {n:,} parameters ({n / 1e6:.2f}M), vocab {mcfg.vocab_size}, tokenizer {dm.tokenizer.name}", flush=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+    if ckpt is not None:
+        del ckpt  # the trainer reads it again itself; don't hold two copies
+    state["fitting"] = True
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+
+    ck = trainer.checkpoint_callback
+    val = trainer.callback_metrics.get("val_loss")
+    result = {
+        "val_loss": float(val) if val is not None else math.nan,
+        "best_val_loss": float(ck.best_model_score) if ck is not None and ck.best_model_score is not None else math.nan,
+        "best_ckpt": ck.best_model_path if ck is not None else "",
+        "last_ckpt": ck.last_model_path if ck is not None else "",
+        "output_dir": str(out_dir),
+        "trainer": trainer,
+        "module": module,
+    }
+    if cfg.get("print_sample") and trainer.is_global_zero:
+        print_sample(module.model, dm.tokenizer, cfg.sample)
+    return result
+
+
+def print_sample(model, tokenizer, s: DictConfig) -> None:
+    model.eval()
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(s.prompt) if s.prompt else [0]
+    gen = torch.Generator(device=device).manual_seed(0)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    out = model.generate(idx, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, generator=gen)
+    text = tokenizer.decode(out[0, len(ids) if s.prompt else 1 :].tolist())
+    print("\n--- sample ---\n" + s.prompt + text + "\n--------------", flush=True)

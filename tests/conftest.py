@@ -1,0 +1,59 @@
+"""Shared fixtures. Tests never touch the network; token caches go to a per-session temp dir."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED = Path(os.environ.get("MICROGPT_SHARED", ROOT.parent / "shared"))
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+PY = sys.executable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("microgpt-cache")
+    os.environ["MICROGPT_CACHE"] = str(cache)
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield cache
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    if not SHAKESPEARE.is_file():
+        pytest.fail(f"tiny Shakespeare not found at {SHAKESPEARE}; set MICROGPT_SHARED to the shared/ folder")
+    return SHAKESPEARE
+
+
+@pytest.fixture
+def small_text(tmp_path) -> Path:
+    """~60 KB of tiny Shakespeare: enough for nano-model runs, quick to tokenize."""
+    p = tmp_path / "small.txt"
+    p.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    return p
+
+
+def compose(overrides: list[str], output_dir: str | Path | None = None):
+    """Compose conf/train.yaml with overrides, the way train.py does (no run dir is created)."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    ov = list(overrides)
+    if output_dir is not None:
+        ov.append(f"paths.output_dir={output_dir}")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hcompose(config_name="train", overrides=ov)
+
+
+def run_cli(args: list[str], timeout: float = 300, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python <args>` in a subprocess with a timeout; returns the completed process (text mode)."""
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([PY, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
