@@ -103,7 +103,7 @@ def test_byte_tokenizer_roundtrip_and_replace():
     tok = build_tokenizer("byte", "ignored")
     text = "héllo wörld ✓ 🐍\n\ttabs"
     ids = tok.encode(text)
-    assert tok.vocab_size == 256 and ids == list(text.encode("utf-8"))
+    assert isinstance(tok, ByteTokenizer) and tok.vocab_size == 256 and ids == list(text.encode("utf-8"))
     assert tok.decode(ids) == text
     assert tok.decode(torch.tensor(ids)) == text
     assert tok.decode([0xFF, 0x41]) == "\ufffdA"
@@ -342,19 +342,19 @@ def test_hf_source_local_file_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     f = write(tmp_path / "local.txt", "alpha\nbeta\ngamma\n")
     cache = tmp_path / "cache"
-    text = SOURCE.build("hf", name="text", data_files=str(f), cache_dir=str(cache))
+    text = SOURCE.build("hf", dataset="text", data_files=str(f), cache_dir=str(cache))
     assert text == "alpha\nbeta\ngamma"
     assert (cache / "hf_datasets").is_dir()  # datasets' files stay under our cache dir
     assert SOURCE.build("hf", path=str(f), max_rows=2, cache_dir=str(cache)) == "alpha\nbeta"
     with pytest.raises(DataError, match="no column 'body'; its columns are text"):
         SOURCE.build("hf", path=str(f), text_column="body", cache_dir=str(cache))
     with pytest.raises(DataError) as e:
-        SOURCE.build("hf", name="someone/not-a-local-dataset-xyz", cache_dir=str(cache))
+        SOURCE.build("hf", dataset="someone/not-a-local-dataset-xyz", cache_dir=str(cache))
     assert "could not load HF dataset" in one_line(e) and "data=text data.path=" in str(e.value)
 
 
 def test_hf_source_needs_a_name():
-    with pytest.raises(ConfigError, match="needs data.source_options.name"):
+    with pytest.raises(ConfigError, match="needs data.source_options.dataset"):
         SOURCE.build("hf")
 
 
@@ -471,14 +471,28 @@ def test_datamodule_bytes_per_token(cache, tmp_path):
     assert dm_b.bytes_per_token == 1.0 and dm_b.train_tokens.dtype == np.uint16
 
 
-def test_datamodule_bpe_uses_vocab_size(cache, small_file):
+def test_datamodule_bpe_uses_vocab_size(cache, small_file, monkeypatch):
     dm = dm_for(small_file, cache, tokenizer="bpe", vocab_size=300)
     dm.setup()
     assert 256 < dm.vocab_size <= 300 and dm.bytes_per_token > 1.5
     assert int(np.max(dm.train_tokens)) < dm.vocab_size
-    dm2 = dm_for(small_file, cache, tokenizer="bpe", vocab_size=300)
-    dm2.setup()
+    with monkeypatch.context() as m:  # the fitted tokenizer is cached too: no second training
+        m.setattr(BPETokenizer, "fit", classmethod(lambda cls, *a, **k: pytest.fail("bpe trained twice")))
+        dm2 = dm_for(small_file, cache, tokenizer="bpe", vocab_size=300)
+        dm2.setup()
     assert dm2.cache_hit and dm2.tokenizer == dm.tokenizer
+    dm3 = dm_for(small_file, cache, tokenizer="bpe", vocab_size=280)
+    dm3.setup()
+    assert dm3.vocab_size <= 280 and dm3.cache_key != dm.cache_key
+
+
+def test_datamodule_hf_tokenizer_from_dir(cache, small_file, tmp_path, bpe_small):
+    bpe_small.tok.save(str(tmp_path / "tokenizer.json"))
+    dm = dm_for(small_file, cache, tokenizer="hf", tokenizer_path=str(tmp_path))
+    dm.setup()
+    assert dm.tokenizer.name == "hf" and dm.vocab_size == bpe_small.vocab_size
+    train_text = dm.tokenizer.decode(dm.train_tokens)
+    assert len(train_text) > 1000 and corpus().startswith(train_text)
 
 
 def test_datamodule_cache_hit_does_not_retokenize(cache, small_file, monkeypatch):
@@ -525,7 +539,7 @@ def test_datamodule_corpus_too_short(cache, tmp_path):
 
 
 def test_datamodule_tokenizer_obj_vocab_mismatch(cache, small_file):
-    model_tok = CharTokenizer.fit("line 0123456789:thequickbrownfoxjumpsovelazyd\n")  # no '.'
+    model_tok = CharTokenizer(set(corpus()) - {"."})  # a model that never saw a '.'
     dm = dm_for(small_file, cache, tokenizer_obj=model_tok)
     with pytest.raises(DataError) as e:
         dm.setup()
@@ -643,6 +657,9 @@ def test_exact_resume_inside_lightning(cache, small_file, tmp_path):
             self.seen.append(x.clone())
             return self.emb(x).float().pow(2).mean()
 
+        def validation_step(self, batch, batch_idx):
+            pass  # validation is disabled below (limit_val_batches=0)
+
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
@@ -673,3 +690,16 @@ def test_exact_resume_inside_lightning(cache, small_file, tmp_path):
     got = first.seen + resumed.seen
     assert len(got) == 8 and all(torch.equal(a, b) for a, b in zip(got, full.seen))
 
+
+def test_datamodule_pickles_without_token_arrays(cache, small_file):
+    import pickle
+
+    dm = dm_for(small_file, cache, tokenizer="bpe", vocab_size=300)
+    dm.setup()
+    blob = pickle.dumps(dm)
+    assert len(blob) < 64_000  # settings and tokenizer only; the tokens stay in the cache
+    dm2 = pickle.loads(blob)
+    assert dm2.train_tokens is None
+    dm2.setup()
+    assert dm2.cache_hit and np.array_equal(dm2.train_tokens, dm.train_tokens)
+    assert torch.equal(dm2.train_dataset().batch(3)[0], dm.train_dataset().batch(3)[0])

@@ -101,7 +101,7 @@ class LitGPT(L.LightningModule):
     def configure_optimizers(self):
         # weight decay only on matrices that multiply activations: not on norms, biases or embeddings
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for name, p in self.named_parameters():  # the model plus any trainable plugin parts
             if not p.requires_grad:
                 continue
             is_matrix = p.dim() >= 2 and "wte" not in name and "wpe" not in name and "emb" not in name

@@ -176,6 +176,9 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         print(f"model: {n:,} parameters ({n / 1e6:.2f}M), vocab {mcfg.vocab_size}, tokenizer {dm.tokenizer.name}", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+    for cb in trainer.callbacks:  # plugin callbacks: load teachers, add trainable pieces, check shapes
+        if hasattr(cb, "prepare"):
+            cb.prepare(module, dm)
     if ckpt is not None:
         del ckpt  # the trainer reads it again itself; don't hold two copies
     state["fitting"] = True

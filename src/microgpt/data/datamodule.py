@@ -231,8 +231,8 @@ class TokenDataModule(L.LightningDataModule):
             ) from None
 
     def _encode(self, text: str, tok: Tokenizer) -> np.ndarray:
-        if self._given_tokenizer is None and self._restored is None:
-            return tok.encode_array(text)
+        if self._given_tokenizer is None and not (self._restored or {}).get("tokenizer"):
+            return tok.encode_array(text)  # fitted on this very text: it covers it
         # a tokenizer from a checkpoint must cover this text; say so in terms of vocabularies
         try:
             return tok.encode_array(text)
@@ -288,6 +288,13 @@ class TokenDataModule(L.LightningDataModule):
         if meta["n_tokens"] == 0:
             raise DataError("the corpus encodes to no tokens; use more text")
         return np.memmap(bin_path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the datamodule: send settings, not the token arrays (each process re-opens
+        # the memory-mapped cache in setup)
+        state = self.__dict__.copy()
+        state.update(train_tokens=None, val_tokens=None)
+        return state
 
     # ---- loaders --------------------------------------------------------------------------------------
 

@@ -155,7 +155,7 @@ def shakespeare_source(
 
 @SOURCE.register("hf")
 def hf_source(
-    name: str | None = None,
+    dataset: str | None = None,
     config: str | None = None,
     split: str = "train",
     data_files: Any = None,
@@ -165,15 +165,17 @@ def hf_source(
     cache_dir: str | None = None,
     **load_kwargs: Any,
 ) -> str:
-    """A HF `datasets` dataset's text column, rows joined with newlines.
+    """A HF `datasets` dataset's text column, rows joined with newlines: `load_dataset(dataset, config, ...)`.
 
-    `data.path=FILE` alone loads local files with the `text` builder; it works offline.
+    `data.path=FILE` alone loads local files with the `text` builder; it works offline. (The option is
+    `dataset`, not `name`, because `Registry.build(name, ...)` takes `name` itself.)
     """
     if path is not None:
-        name = name or "text"
+        dataset = dataset or "text"
         data_files = data_files or path
-    if name is None:
-        raise ConfigError("data source 'hf' needs data.source_options.name=DATASET (or data.path=FILE for local text)")
+    if dataset is None:
+        raise ConfigError("data source 'hf' needs data.source_options.dataset=NAME (or data.path=FILE for local text)")
+    name = dataset
     if max_rows is not None and max_rows <= 0:
         raise ConfigError(f"data.source_options.max_rows must be > 0, got {max_rows}")
     try:
