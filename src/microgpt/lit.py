@@ -64,6 +64,11 @@ class LitGPT(L.LightningModule):
         self._compiled: Callable | None = None
 
     def configure_model(self) -> None:
+        # Lightning calls this before building optimizers and wrapping for DDP/DeepSpeed/FSDP:
+        # sharding (FSDP2 under ModelParallelStrategy) happens here, never after
+        from microgpt.strategies import shard_for_strategy
+
+        shard_for_strategy(self)
         if self.hparams.compile and self._compiled is None:
             # compile the inner model but keep it out of the module tree: state_dict keys stay plain
             object.__setattr__(self, "_compiled", torch.compile(self.model))

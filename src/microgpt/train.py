@@ -107,6 +107,18 @@ def _check_same_model(ckpt: dict[str, Any], cfg: GPTConfig, path: str) -> None:
         )
 
 
+def freeze_layers(model, n: int) -> None:
+    """Freeze the embeddings and the first n blocks (fine-tuning); 0 trains everything."""
+    if not n:
+        return
+    if not 0 < n <= len(model.blocks):
+        raise ConfigError(f"freeze_layers must be in 0..{len(model.blocks)}, got {n}")
+    frozen = [model.wte, model.pos, *model.blocks[:n]]
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
 def build_callbacks(cfg: DictConfig) -> list:
     return [_instantiate(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c]
 
@@ -150,9 +162,22 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
 
         tokenizer = tokenizer_from_dict(ckpt["hyper_parameters"]["tokenizer"])
 
+    init_model = None
+    if cfg.get("init_from"):
+        if ckpt is not None:
+            raise ConfigError("set either init_from (start from weights) or ckpt_path (resume a run), not both")
+        from microgpt import load
+
+        init_model, init_tok = load(cfg.init_from)
+        tokenizer = tokenizer or init_tok
+
     dm = _instantiate(cfg.data, "data", tokenizer_obj=tokenizer)
     dm.setup("fit")
-    mcfg = model_config(cfg, dm.vocab_size)
+    if init_model is not None:
+        # fine-tuning keeps the base model's architecture; only dropout follows this run's config
+        mcfg = GPTConfig.from_dict({**init_model.config.to_dict(), "dropout": cfg.model.dropout})
+    else:
+        mcfg = model_config(cfg, dm.vocab_size)
     if mcfg.block_size < dm.block_size:
         raise ConfigError(f"data.block_size={dm.block_size} exceeds model.block_size={mcfg.block_size}; make them equal")
     if ckpt is not None:
@@ -169,6 +194,10 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         compile=cfg.compile,
         plugins=plugin_origin(mods),
     )
+    if init_model is not None:
+        module.model.load_state_dict(init_model.state_dict())
+        del init_model
+    freeze_layers(module.model, cfg.get("freeze_layers", 0))
     trainer = _instantiate(cfg.trainer, "trainer", callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
     if trainer.is_global_zero:
         n = module.model.num_params()
