@@ -20,6 +20,7 @@ class GPTConfig:
     n_head: int = 4
     n_kv_head: int | None = None  # None -> n_head; gqa/mqa share each key/value head across a group
     n_embd: int = 128
+    head_dim: int | None = None  # None -> n_embd // n_head; set explicitly after structured head pruning
     mlp_hidden: int | None = None  # None -> 4*n_embd for gelu, ~8/3*n_embd (multiple of 64) for swiglu
     dropout: float = 0.0
     bias: bool = False  # bias in Linear and LayerNorm layers (GPT-2: True; nanoGPT baby: False)
@@ -43,11 +44,10 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = {"mqa": 1}.get(self.attention, self.n_head)
-        self.validate()
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        explicit_head_dim = self.head_dim is not None
+        if not explicit_head_dim and isinstance(self.n_head, int) and self.n_head > 0:
+            self.head_dim = self.n_embd // self.n_head
+        self.validate(explicit_head_dim)
 
     @property
     def hidden_dim(self) -> int:
@@ -57,16 +57,16 @@ class GPTConfig:
             return 64 * ((int(8 * self.n_embd / 3) + 63) // 64)
         return 4 * self.n_embd
 
-    def validate(self) -> None:
+    def validate(self, explicit_head_dim: bool = True) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
 
-        for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
+        for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "head_dim"):
             v = getattr(self, k)
             need(isinstance(v, int) and v > 0, f"model.{k} must be a positive integer, got {v!r}")
         need(
-            self.n_embd % self.n_head == 0,
+            explicit_head_dim or self.n_embd % self.n_head == 0,
             f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; pick n_embd a multiple of n_head",
         )
         need(
