@@ -127,6 +127,7 @@ def lightning_run(data: Path, precision: str, compiled: bool, warmup: int, steps
         dm = trainer.datamodule
         return {
             "seconds": clock.t[-1] - clock.t[warmup - 1],
+            "step_s": [b - a for a, b in zip(clock.t[warmup - 1 : -1], clock.t[warmup:])],
             "tokens": steps * dm.batch_size * dm.block_size,
             "final_loss": clock.loss,
             "fused": bool(opt.defaults.get("fused")),
@@ -185,6 +186,7 @@ def plain_run(cfg, dm, mcfg, precision: str, compiled: bool, fused: bool, warmup
         t.append(time.perf_counter())
     return {
         "seconds": t[-1] - t[warmup - 1],
+        "step_s": [b - a for a, b in zip(t[warmup - 1 : -1], t[warmup:])],
         "tokens": steps * dm.batch_size * dm.block_size,
         "final_loss": float(loss),
         "fused": fused,
@@ -432,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     res = lightning_run(a.data, pc[0], pc[1], a.warmup, a.steps, r == "defaults")
                     fused.setdefault(pc, res["fused"])
+                res["loadavg"] = os.getloadavg()[0]
                 runs[(pc, r)].append(res)
                 print(
                     f"[{rep + 1}/{a.repeats}] {config_tag(*pc):<18} {r:<9} {res['tokens'] / res['seconds']:>9,.0f} tok/s"
@@ -457,31 +460,51 @@ def main(argv: list[str] | None = None) -> int:
             if rss["rc"] != 0:
                 print(rss["tail"], file=sys.stderr)
 
-    header = ["config", "runner", "median tok/s", "ms/iter", "all runs (k tok/s)", "vs plain", "vs nanoGPT", "loss@end"]
+    header = [
+        "config",
+        "runner",
+        "tok/s",
+        "ms/iter",
+        "runs (k tok/s)",
+        "vs plain",
+        "tok/s (median step)",
+        "vs plain (median step)",
+        "vs nanoGPT",
+        "loss@end",
+    ]
     rows, summary = [], {}
     for pc in configs:
         tag_pc = config_tag(*pc)
-        plain_med = None
-        if (pc, "plain") in runs:
-            plain_med = statistics.median(r["tokens"] / r["seconds"] for r in runs[(pc, "plain")])
+        plain = runs.get((pc, "plain"))
         for r in a.runners:
             rs = runs[(pc, r)]
             tok = [x["tokens"] / x["seconds"] for x in rs]
-            med = statistics.median(tok)
+            step_tok = [x["tokens"] / len(x["step_s"]) / statistics.median(x["step_s"]) for x in rs]
+            med, med_step = statistics.median(tok), statistics.median(step_tok)
+            vs_plain = vs_plain_step = math.nan
+            if plain:  # paired: each run against the plain run of the same repeat, then the median
+                p_tok = [x["tokens"] / x["seconds"] for x in plain]
+                p_step = [x["tokens"] / len(x["step_s"]) / statistics.median(x["step_s"]) for x in plain]
+                vs_plain = statistics.median(u / v for u, v in zip(tok, p_tok))
+                vs_plain_step = statistics.median(u / v for u, v in zip(step_tok, p_step))
             ms = 1000 * rs[0]["tokens"] / a.steps / med
-            vs_plain = med / plain_med if plain_med else math.nan
-            entry = {
+            summary[f"{tag_pc}/{r}"] = {
                 "tok_s": tok,
                 "median_tok_s": med,
                 "ms_per_iter": ms,
+                "median_step_tok_s": step_tok,
+                "median_of_median_step_tok_s": med_step,
                 "vs_plain": vs_plain,
+                "vs_plain_median_step": vs_plain_step,
                 "vs_nanogpt": med / NANOGPT["tok_s"],
+                "vs_nanogpt_median_step": med_step / NANOGPT["tok_s"],
                 "final_loss": [x["final_loss"] for x in rs],
                 "fused_adamw": rs[0]["fused"],
                 "param_groups": rs[0]["groups"],
                 "threads": rs[0]["threads"],
+                "loadavg": [x.get("loadavg") for x in rs],
             }
-            summary[f"{tag_pc}/{r}"] = entry
+            f3 = lambda v: f"{v:.3f}" if math.isfinite(v) else "-"  # noqa: E731
             rows.append(
                 [
                     tag_pc,
@@ -489,8 +512,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{med:,.0f}",
                     f"{ms:.1f}",
                     " ".join(f"{x / 1000:.1f}" for x in tok),
-                    f"{vs_plain:.3f}" if math.isfinite(vs_plain) else "-",
-                    f"{med / NANOGPT['tok_s']:.3f}",
+                    f3(vs_plain),
+                    f"{med_step:,.0f}",
+                    f3(vs_plain_step),
+                    f"{med / NANOGPT['tok_s']:.3f} / {med_step / NANOGPT['tok_s']:.3f}",
                     f"{rs[-1]['final_loss']:.4f}",
                 ]
             )
@@ -500,8 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         "- runners: `lightning` = `microgpt.train.run` with `callbacks=none logger=none`; `defaults` = the "
         "experiment's own callbacks (RichProgressBar, LearningRateMonitor, ModelCheckpoint) and CSV logger; `plain` "
         "= hand-written loop over the same GPT, batches, AdamW groups and grad clip. Runs interleaved in one process.",
-        "- vs plain = median tok/s / plain loop's median (Lightning overhead = 1 - that); vs nanoGPT = median / "
-        f"{NANOGPT['tok_s']:,.0f} tok/s (target >= {TARGET_X}).",
+        "- tok/s = tokens of the timed window / its time, median over repeats; `median step` = tokens per step / "
+        "the run's median step time (robust to other jobs on a shared machine; nanoGPT's reference is a median "
+        "step too). vs plain = median over repeats of (run / plain run of the same repeat): Lightning overhead = "
+        f"1 - that. vs nanoGPT = tok/s (window / median step) over {NANOGPT['tok_s']:,.0f} (target >= {TARGET_X}).",
     ]
     losses = {r: [x["final_loss"] for x in runs[(configs[0], r)]] for r in a.runners}
     notes.append(

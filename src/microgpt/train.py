@@ -46,7 +46,7 @@ def model_config(cfg: DictConfig, vocab_size: int) -> GPTConfig:
     raw = OmegaConf.to_container(cfg.model, resolve=True)
     converters = raw.pop("converters", None) or {}
     if isinstance(converters, dict):  # plugins add `model.converters.NAME`; keep composition order unless `order`
-        items = [{"name": k, **(v or {})} for k, v in converters.items() if v is not False]
+        items = [{"name": k, **(v or {})} for k, v in converters.items() if v not in (False, None)]
         converters = sorted(items, key=lambda s: s.get("order", 0))
         for s in converters:
             s.pop("order", None)

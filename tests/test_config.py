@@ -1,0 +1,343 @@
+"""The shipped Hydra configs: they all compose and resolve, presets are diffs over base, plugins stay in
+their own keys, the typed model schema rejects bad settings with one line, the baby-GPT experiment
+matches nanoGPT's published settings, and the lr schedule matches nanoGPT's get_lr."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from functools import partial
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CONF, compose
+from hydra import compose as hcompose
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import InterpolationKeyError
+
+from microgpt.errors import ConfigError
+
+# ---- discovering what is shipped ------------------------------------------------------------------
+
+
+def _defaults_groups(config_file: Path) -> set[str]:
+    """Config groups named in a primary config's defaults list (`- model: micro`, `- override x: y`)."""
+    groups = set()
+    for entry in yaml.safe_load(config_file.read_text()).get("defaults", []):
+        if isinstance(entry, dict):
+            for key in entry:
+                key = key.split()[-1]  # drop `override` / `optional`
+                groups.add(key.lstrip("/"))
+    return groups
+
+
+TRAIN_GROUPS = _defaults_groups(CONF / "train.yaml")
+ROOT_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))  # train, generate, evaluate, ...
+GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF)
+PLUGIN_NAMES = sorted(p.stem for p in (CONF / "plugin").glob("*.yaml"))
+MODEL_PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem != "base")
+
+
+def _override_for(path: Path) -> str | None:
+    """conf/GROUP/NAME.yaml -> the CLI override that selects it; None for a base that others extend."""
+    group = path.parent.relative_to(CONF).as_posix()
+    if path.stem == "base":
+        return None
+    # a group already in train.yaml's defaults (or one of Hydra's own) is swapped; others are appended
+    plus = "" if group in TRAIN_GROUPS or group.startswith("hydra/") else "+"
+    return f"{plus}{group}={path.stem}"
+
+
+GROUP_OVERRIDES = [o for o in map(_override_for, GROUP_FILES) if o is not None]
+
+
+def _leaves(node, prefix=()) -> dict[tuple, object]:
+    """{path tuple: value} for every leaf of a container (lists are leaves; empty dicts are leaves too)."""
+    if isinstance(node, dict) and node:
+        out = {}
+        for k, v in node.items():
+            out.update(_leaves(v, (*prefix, str(k))))
+        return out
+    return {prefix: node}
+
+
+def _resolve_all(cfg, tmp_path: Path) -> dict:
+    """Resolve every interpolation except Hydra's runtime ones (no Hydra app is running here)."""
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_struct(cfg, False)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for path, value in _leaves(raw).items():
+        if isinstance(value, str) and "${hydra:" in value:
+            OmegaConf.update(cfg, ".".join(path), str(tmp_path / "hydra-runtime"), merge=False)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _compose_root(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hcompose(config_name=name, overrides=overrides)
+
+
+# ---- every shipped config composes and resolves -----------------------------------------------------
+
+
+def test_discovery_finds_the_shipped_groups():
+    # guards the globbing itself: if it found nothing, the parametrized tests below would be vacuous
+    assert {"model=nano", "model=micro", "data=text", "debug=fast", "experiment=shakespeare_baby"} <= set(
+        GROUP_OVERRIDES
+    )
+    assert {"train", "generate", "evaluate"} <= set(ROOT_CONFIGS)
+    assert _override_for(CONF / "plugin" / "x.yaml") == "+plugin=x"  # not in train.yaml's defaults: appended
+    assert _override_for(CONF / "model" / "base.yaml") is None
+
+
+@pytest.mark.parametrize("override", GROUP_OVERRIDES)
+def test_every_group_option_composes_and_resolves(override, tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hcompose(
+            config_name="train", overrides=[override, f"paths.output_dir={tmp_path}"], return_hydra_config=True
+        )
+    group, _, name = override.lstrip("+").partition("=")
+    assert cfg.hydra.runtime.choices.get(group) == name  # the choice took effect
+    with open_dict(cfg):
+        del cfg["hydra"]
+    resolved = _resolve_all(cfg, tmp_path)
+    assert resolved["paths"]["output_dir"] == str(tmp_path)
+
+
+@pytest.mark.parametrize("name", ROOT_CONFIGS)
+def test_every_root_config_composes_and_resolves(name, tmp_path):
+    overrides = [] if name == "train" else ["++ckpt=x"]
+    resolved = _resolve_all(_compose_root(name, overrides), tmp_path)
+    if name != "train":
+        assert resolved["ckpt"] == "x"
+    else:
+        assert {"model", "data", "optimizer", "trainer", "callbacks", "paths"} <= set(resolved)
+
+
+def test_resolve_all_really_resolves(tmp_path):
+    # a dangling interpolation must fail, or the tests above would prove nothing
+    cfg = compose(["+broken=${does.not.exist}"], output_dir=tmp_path)
+    with pytest.raises(InterpolationKeyError):
+        _resolve_all(cfg, tmp_path)
+
+
+def test_data_presets_name_registered_sources_and_options(tmp_path):
+    """A preset's source_options must be parameters of its source (a stale inherited option breaks data=X)."""
+    import microgpt.data  # noqa: F401  (registers sources and tokenizers)
+    from microgpt.registry import SOURCE, TOKENIZER
+
+    presets = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "base")
+    assert presets
+    for preset in presets:
+        d = OmegaConf.to_container(compose([f"data={preset}"], output_dir=tmp_path).data, resolve=False)
+        assert d["source"] in SOURCE, f"data={preset}: unknown source {d['source']!r}"
+        assert d["tokenizer"] in TOKENIZER, f"data={preset}: unknown tokenizer {d['tokenizer']!r}"
+        params = inspect.signature(SOURCE.get(d["source"])).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        bad = set(d.get("source_options") or {}) - set(params)
+        assert not bad, f"data={preset}: source {d['source']!r} takes no option(s) {sorted(bad)}"
+
+
+def test_model_presets_build_valid_configs(tmp_path):
+    from microgpt.registry import ATTENTION, MLP, NORM, POSITION
+    from microgpt.train import model_config
+
+    for preset in MODEL_PRESETS:
+        cfg = model_config(compose([f"model={preset}"], output_dir=tmp_path), 65)
+        for reg, value in ((ATTENTION, cfg.attention), (MLP, cfg.mlp), (NORM, cfg.norm), (POSITION, cfg.position)):
+            assert value in reg, f"model={preset}: {reg.kind} {value!r} is not registered"
+        raw = yaml.safe_load((CONF / "model" / f"{preset}.yaml").read_text())
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            if key in raw:
+                assert getattr(cfg, key) == raw[key], (preset, key)
+
+
+# ---- presets are diffs over base ----------------------------------------------------------------------
+
+
+BASE_KEYS = set(yaml.safe_load((CONF / "model" / "base.yaml").read_text()))
+
+
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_model_preset_is_a_small_diff_over_base(preset):
+    raw = yaml.safe_load((CONF / "model" / f"{preset}.yaml").read_text()) or {}
+    defaults = raw.pop("defaults", [])
+    assert "base" in defaults, f"model/{preset}.yaml must start from base"
+    assert len(raw) < len(BASE_KEYS), f"model/{preset}.yaml restates base instead of a diff"
+    assert set(raw) <= BASE_KEYS, f"model/{preset}.yaml sets keys base does not have: {sorted(set(raw) - BASE_KEYS)}"
+
+
+# ---- plugins write only their own keys ----------------------------------------------------------------
+
+
+def _plugin_violations(before: dict, after: dict, name: str) -> list[str]:
+    """Leaf paths that differ between two configs and lie outside the plugin's own keys."""
+    allowed = (("plugins", name), ("callbacks", name), ("model", "converters", name))
+    lb, la = _leaves(before), _leaves(after)
+    changed = {p for p in set(lb) | set(la) if lb.get(p, KeyError) != la.get(p, KeyError)}
+    # an empty dict leaf that gained children shows up as a vanished leaf; that is the parent, not a write
+    changed = {p for p in changed if not (p in lb and p not in la and lb[p] == {})}
+    return sorted(".".join(p) for p in changed if not any(p[: len(a)] == a for a in allowed))
+
+
+def _plugin_writes(before: dict, after: dict, name: str) -> list[str]:
+    lb, la = _leaves(before), _leaves(after)
+    return sorted(".".join(p) for p in la if p not in lb or lb[p] != la[p])
+
+
+def test_plugin_key_walker_detects_violations(tmp_path):
+    before = OmegaConf.to_container(compose([], output_dir=tmp_path), resolve=False)
+    after = copy.deepcopy(before)
+    after["plugins"]["fake"] = {"alpha": 1}
+    after["callbacks"]["fake"] = {"_target_": "x.Y"}
+    after["model"]["converters"]["fake"] = {"scheme": "8da4w"}
+    assert _plugin_violations(before, after, "fake") == []
+    assert _plugin_writes(before, after, "fake")  # and it sees the allowed writes
+    after["trainer"]["max_steps"] = 7  # changed a shared setting
+    after["plugins"]["other"] = {"x": 1}  # wrote another plugin's key
+    after["callbacks"]["fakeish"] = {}  # a prefix of the name is not the name
+    after["fake"] = {"y": 1}  # a yaml without `# @package _global_` lands at the root
+    del after["seed"]  # removed a key
+    assert _plugin_violations(before, after, "fake") == [
+        "callbacks.fakeish",
+        "fake.y",
+        "plugins.other.x",
+        "seed",
+        "trainer.max_steps",
+    ]
+
+
+@pytest.mark.parametrize("name", PLUGIN_NAMES)
+def test_plugin_yaml_writes_only_its_own_keys(name, tmp_path):
+    before = OmegaConf.to_container(compose([], output_dir=tmp_path), resolve=False)
+    after = OmegaConf.to_container(compose([f"+plugin={name}"], output_dir=tmp_path), resolve=False)
+    assert _plugin_violations(before, after, name) == []
+    assert _plugin_writes(before, after, name), f"+plugin={name} composed nothing"
+    assert name in after["plugins"], f"conf/plugin/{name}.yaml must put its settings under plugins.{name}"
+
+
+# ---- the typed model schema ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "vocab", "names"),
+    [
+        (["model.n_layer=abc"], 65, ["n_layer"]),
+        (["+model.n_layerz=3"], 65, ["n_layerz"]),
+        (["model.n_embd=100", "model.n_head=3"], 65, ["n_embd", "n_head"]),
+        (["model.n_head=4", "model.n_kv_head=3", "model.attention=gqa"], 65, ["n_head", "n_kv_head"]),
+        (["model.vocab_size=50"], 65, ["vocab_size", "65"]),
+    ],
+    ids=["not-an-int", "unknown-key", "embd-not-divisible", "kv-heads-not-divisible", "vocab-too-small"],
+)
+def test_model_config_rejects_bad_settings(overrides, vocab, names, tmp_path):
+    from microgpt.train import model_config
+
+    cfg = compose(["model=nano", *overrides], output_dir=tmp_path)
+    with pytest.raises(ConfigError) as ei:
+        model_config(cfg, vocab)
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.strip() == msg
+    for n in names:
+        assert n in msg, (n, msg)
+
+
+def test_model_config_accepts_good_settings(tmp_path):
+    # the control for the test above: the same path succeeds on a valid config
+    from microgpt.train import model_config
+
+    cfg = model_config(compose(["model=nano", "model.n_kv_head=1", "model.attention=gqa"], output_dir=tmp_path), 65)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd, cfg.vocab_size) == (2, 2, 1, 32, 65)
+    assert model_config(compose(["model=nano", "model.vocab_size=80"], output_dir=tmp_path), 65).vocab_size == 80
+
+
+# ---- experiment=shakespeare_baby is nanoGPT's baby GPT -------------------------------------------------
+
+
+def test_shakespeare_baby_matches_nanogpt(tmp_path):
+    import torch
+
+    from microgpt.model import GPT
+    from microgpt.train import model_config
+
+    cfg = compose(["experiment=shakespeare_baby"], output_dir=tmp_path)
+    m, d, o, s, t = cfg.model, cfg.data, cfg.optimizer, cfg.scheduler, cfg.trainer
+    # values from ../shared/BENCHMARKS.md ("Training speed and quality, CPU")
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (4, 4, 128, 64)
+    assert m.dropout == 0.0 and m.bias is False and m.tie_embeddings is True
+    assert (m.position, m.mlp, m.norm, m.attention) == ("learned", "gelu", "layernorm", "mha")
+    assert m.n_kv_head in (None, 4) and not m.converters
+    assert d.batch_size == 12 and d.tokenizer == "char" and d.val_fraction == pytest.approx(0.1)
+    assert d.block_size == 64 and d.eval_batches == 20
+    assert o.lr == pytest.approx(1e-3) and s.min_lr == pytest.approx(1e-4)
+    assert s.warmup_steps == 100 and s.decay_steps == 2000
+    assert list(o.betas) == pytest.approx([0.9, 0.99]) and o.weight_decay == pytest.approx(0.1)
+    assert t.gradient_clip_val == pytest.approx(1.0) and t.precision in ("32-true", "32", 32)
+    assert t.val_check_interval == 250 and t.max_steps == 2000
+    assert t.accumulate_grad_batches == 1
+    # 0.80M parameters at vocab 65, counted by hand: per block qkv 128*384 + proj 128^2 + mlp 2*128*512 +
+    # two bias-free LayerNorms 2*128; plus wte 65*128 and ln_f 128 (tied head); nanoGPT leaves wpe out
+    per_block = 128 * 384 + 128 * 128 + 2 * 128 * 512 + 2 * 128
+    expected_no_wpe = 4 * per_block + 65 * 128 + 128
+    torch.manual_seed(0)
+    model = GPT(model_config(cfg, 65))
+    n = sum(p.numel() for p in model.parameters())
+    assert n == expected_no_wpe + 64 * 128
+    assert round(expected_no_wpe / 1e6, 2) == 0.80
+
+
+# ---- the learning-rate schedule ------------------------------------------------------------------------
+
+
+def nanogpt_get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
+    """nanoGPT's train.py get_lr, restated."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    assert 0 <= decay_ratio <= 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+@pytest.mark.parametrize(
+    ("lr", "warmup", "decay", "min_lr"),
+    [(1e-3, 100, 2000, 1e-4), (6e-4, 0, 500, 6e-5), (1e-2, 10, 11, 0.0), (3e-4, 50, 300, 3e-4)],
+)
+def test_lr_lambda_matches_nanogpt(lr, warmup, decay, min_lr):
+    from microgpt.lit import lr_lambda
+
+    for it in range(decay + 200):
+        want = nanogpt_get_lr(it, lr, warmup, decay, min_lr)
+        got = lr * lr_lambda(it, warmup_steps=warmup, decay_steps=decay, min_lr_ratio=min_lr / lr)
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-15), it
+
+
+def test_module_scheduler_follows_nanogpt():
+    """The LambdaLR that LitGPT hands Lightning gives get_lr(it) at optimizer step it."""
+    import torch
+
+    from microgpt.config import GPTConfig
+    from microgpt.lit import LitGPT
+
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    module = LitGPT(
+        model=cfg.to_dict(),
+        optimizer=partial(torch.optim.AdamW, lr=2e-3, weight_decay=0.1),
+        warmup_steps=5,
+        decay_steps=40,
+        min_lr=2e-4,
+    )
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert conf["lr_scheduler"]["interval"] == "step"
+    for it in range(60):
+        want = nanogpt_get_lr(it, 2e-3, 5, 40, 2e-4)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([want] * len(opt.param_groups), rel=1e-9), it
+        opt.step()
+        sched.step()
