@@ -97,9 +97,14 @@ def _per_block(model, fn) -> list[dict[str, torch.Tensor]]:
 def _all_reduce(tensors: list[torch.Tensor]) -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    # NCCL reduces only CUDA tensors; gloo takes CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    for t in tensors:
+        moved = t.to(device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        t.copy_(moved)
 
 
 def importance(
@@ -124,7 +129,7 @@ def importance(
         _check_block(b, structures)
     mode = head_mode(model.config, mode) if "heads" in structures else mode
     if method == "magnitude":
-        sq = unit_sums(model, _per_block(model, lambda p: p.detach().double() ** 2), structures, mode)
+        sq = unit_sums(model, _per_block(model, lambda p: p.detach().double().cpu() ** 2), structures, mode)
         return {k: v.sqrt() for k, v in sq.items()}
     if batches is None:
         raise ConfigError(f"importance method {method} needs data batches (magnitude does not)")
@@ -133,7 +138,7 @@ def importance(
     saved_grads = {p: p.grad for p in model.parameters()}
     model.eval()
     taylor: dict[str, torch.Tensor] | None = None
-    grad_sq = _per_block(model, lambda p: torch.zeros_like(p, dtype=torch.float64))
+    grad_sq = _per_block(model, lambda p: torch.zeros(p.shape, dtype=torch.float64))
     n = torch.zeros((), dtype=torch.float64)
     device = next(model.parameters()).device
     try:
@@ -148,7 +153,7 @@ def importance(
             else:
                 for acc, b in zip(grad_sq, model.blocks):
                     for name, p in b.named_parameters():
-                        acc[name] += _grad(p).double() ** 2
+                        acc[name] += _grad(p).double().cpu() ** 2
             n += 1
     finally:
         for p, g in saved_grads.items():
@@ -162,10 +167,10 @@ def importance(
         return {k: taylor[k] / n for k in keys}
     _all_reduce([t for acc in grad_sq for t in acc.values()] + [n])
     fisher = [
-        {name: 0.5 * p.detach().double() ** 2 * acc[name] / n for name, p in b.named_parameters()}
+        {name: 0.5 * p.detach().double().cpu() ** 2 * acc[name] / n for name, p in b.named_parameters()}
         for acc, b in zip(grad_sq, model.blocks)
     ]
-    return unit_sums(model, [{k: v.cpu() for k, v in f.items()} for f in fisher], structures, mode)
+    return unit_sums(model, fisher, structures, mode)
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -14,22 +15,82 @@ from microgpt.errors import CheckpointError
 from microgpt.model import GPT, build_model
 
 
+EXPORT_META = "microgpt.json"  # marks a directory written by `python -m microgpt.export` (safetensors / int8)
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    p = Path(path).expanduser()
+    return p.is_dir() and (p / EXPORT_META).is_file()
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A .ckpt file, or a run directory (its checkpoints/last.ckpt)."""
+    """A .ckpt file; a run directory (its checkpoints/last.ckpt); or a directory that is itself a model:
+    an exported microgpt directory (microgpt.json) or a local HF GPT-2 directory (config.json)."""
+    from microgpt.hf import is_hf_dir
+
     p = Path(path).expanduser()
     if p.is_dir():
         for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
             if cand.is_file():
                 return cand
-        raise CheckpointError(f"no checkpoint in directory {p} (looked for checkpoints/last.ckpt); pass a .ckpt file")
+        if is_export_dir(p) or is_hf_dir(p):
+            return p
+        raise CheckpointError(
+            f"no checkpoint in directory {p} (looked for checkpoints/last.ckpt, an exported {EXPORT_META} "
+            "and an HF config.json); pass a .ckpt file, a run directory or a model directory"
+        )
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist; pass the path of a .ckpt file from a run's checkpoints/")
     return p
 
 
+def read_export_dir(path: str | os.PathLike) -> dict[str, Any]:
+    """A directory written by `microgpt.export format=safetensors|int8`, as a checkpoint dict.
+
+    int8 tensors are dequantized here (w = q * scale per output row), so the model is a plain float one.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path).expanduser()
+    try:
+        meta = json.loads((p / EXPORT_META).read_text(encoding="utf-8"))
+        weights = p / meta["weights"]
+        model_cfg, tok = meta["model"], meta["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{p / EXPORT_META} is damaged ({type(e).__name__}: {e}); export the model again") from None
+    if not weights.is_file():
+        raise CheckpointError(f"exported directory {p} lacks its weights file {weights.name}; export the model again")
+    try:
+        sd = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"weights file {weights} is truncated or corrupt ({first}); export the model again") from None
+    quant = meta.get("quantization") or {}
+    for name in quant.get("tensors", []):
+        q, scale = sd.get(name), sd.pop(f"{name}.scale", None)
+        if q is None or scale is None or q.dtype != torch.int8:
+            raise CheckpointError(f"{weights} lacks the int8 tensor {name} or its scale; export the model again")
+        sd[name] = q.to(torch.float32) * scale.to(torch.float32)[:, None]
+    sd = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
+    hp = {"model": model_cfg, "tokenizer": tok, "plugins": meta.get("plugins") or {}}
+    return {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "hyper_parameters": hp, "source": {"export": str(p)}}
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """torch.load with weights_only=True: a checkpoint is data, never code to execute."""
+    """torch.load with weights_only=True: a checkpoint is data, never code to execute.
+
+    Model directories (exported, or HF GPT-2) come back in the same shape: {"state_dict": {"model.*": ...},
+    "hyper_parameters": {"model", "tokenizer", "plugins"}}, so every caller (load, distill's teacher)
+    takes them as they are.
+    """
     p = resolve_checkpoint(path)
+    if p.is_dir():
+        if is_export_dir(p):
+            return read_export_dir(p)
+        from microgpt.hf import hf_dir_checkpoint
+
+        return hf_dir_checkpoint(p)
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
@@ -66,7 +127,10 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """`model, tokenizer = microgpt.load(path)`: the GPT in eval mode and its tokenizer."""
+    """`model, tokenizer = microgpt.load(path)`: the GPT in eval mode and its tokenizer.
+
+    path: a .ckpt, a run directory, an exported directory (safetensors / int8) or a local HF GPT-2 directory.
+    """
     from microgpt.data.tokenizers import tokenizer_from_dict
 
     ckpt = read_checkpoint(path)
