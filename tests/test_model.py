@@ -268,11 +268,6 @@ def test_sample_top_p_keeps_smallest_set_reaching_p():
     assert abs((drawn == 1).float().mean().item() - 4 / 7) < 0.02
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in model.sample: `cum - p > top_p` keeps one extra token when a prefix's mass equals top_p "
-    "exactly; `>=` keeps the smallest set reaching top_p (remove this marker once fixed)",
-)
 def test_sample_top_p_exact_boundary():
     # token 0 alone has mass exactly 0.5 (all values exact in binary floating point)
     logits = torch.tensor([[0.0, math.log(0.5), math.log(0.5)]])

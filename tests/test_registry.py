@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from microgpt.config import GPTConfig
+from microgpt.errors import ConfigError
 from microgpt.model import GPT
 from microgpt.registry import ATTENTION, MLP, NORM, POSITION, Registry, UnknownComponentError
 
@@ -64,6 +65,13 @@ def test_unknown_attention_through_model_lists_builtins():
     assert "\n" not in msg and "no_such_attention" in msg
     for name in ("gqa", "mha", "mqa", "sliding"):
         assert name in msg
+
+
+def test_unknown_name_is_a_config_error_for_the_cli():
+    reg = Registry("widget")
+    with pytest.raises(UnknownComponentError) as ei:
+        reg.get("nope")
+    assert isinstance(ei.value, ConfigError)
 
 
 def test_duplicate_registration():

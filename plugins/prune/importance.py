@@ -1,16 +1,16 @@
 """Importance of structures (attention heads or key/value groups, MLP neurons, whole layers).
 
-A structure is a set of weights S (rows of the fused qkv matrix, columns of `proj`, ...). Its score:
-  magnitude  ||w_S||_2
-  taylor     mean over batches of |sum_{i in S} w_i g_i|    first-order estimate of the loss change when
-                                                              S is zeroed (Molchanov et al. 2019)
-  fisher     1/2 sum_{i in S} w_i^2 E[g_i^2]                 second-order estimate with the empirical
-                                                              Fisher diagonal as Hessian (Optimal Brain Damage)
+Removing a structure is exactly zeroing its *output* weights O: the `attn.proj` columns of its query
+heads, the `mlp.proj` column of a neuron, a block's `attn.proj` and `mlp.proj` (weights and biases:
+the pre-norm block is then the identity). Its other weights (qkv rows, fc/gate rows) go with it but
+no longer matter. Scores (higher = more important):
+  magnitude  ||w||_2 over all of the structure's weights (input and output side)
+  taylor     mean over batches of |sum_{i in O} w_i g_i|   the first-order Taylor estimate of the loss
+                                                             change when the structure is removed
+  fisher     1/2 sum_{i in O} w_i^2 E[g_i^2]               its second-order estimate with the empirical
+                                                             Fisher diagonal as Hessian (Optimal Brain Damage)
 g is the gradient of the mean next-token cross-entropy of one batch. Sums over batches (and their
 count) are all-reduced when torch.distributed is initialized, so every rank ranks the same way.
-
-Zeroing a whole block's parameters turns it into the identity (pre-norm residual: norm weights 0
--> attention and MLP see 0 and add their zero biases), so the layer scores estimate removing a layer.
 """
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ def _check_block(block: nn.Module, structures: Iterable[str]) -> None:
         raise ConfigError(f"neuron pruning needs an MLP with fc (+gate) and proj, not {type(block.mlp).__name__}")
 
 
-def head_sums(block: nn.Module, t: dict[str, torch.Tensor], cfg, mode: str) -> torch.Tensor:
+def head_sums(t: dict[str, torch.Tensor], cfg, mode: str, output_only: bool = False) -> torch.Tensor:
     """Sum a per-element tensor t (keyed 'attn.qkv.weight', ...) over each head unit -> (n_units,)."""
     nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     per_q = torch.zeros(nh, dtype=torch.float64)
     per_kv = torch.zeros(nkv, dtype=torch.float64)
     for suffix in ("weight", "bias"):
         qkv = t.get(f"attn.qkv.{suffix}")
-        if qkv is None:
+        if qkv is None or output_only:
             continue
         rows = qkv.double().reshape(nh + 2 * nkv, hd, -1).sum(dim=(1, 2))  # per head-row block
         per_q += rows[:nh]
@@ -65,9 +65,11 @@ def head_sums(block: nn.Module, t: dict[str, torch.Tensor], cfg, mode: str) -> t
     return per_q.reshape(nkv, nh // nkv).sum(dim=1) + per_kv
 
 
-def neuron_sums(block: nn.Module, t: dict[str, torch.Tensor]) -> torch.Tensor:
+def neuron_sums(t: dict[str, torch.Tensor], output_only: bool = False) -> torch.Tensor:
     """Sum a per-element tensor over each MLP hidden unit (fc row, gate row, proj column) -> (hidden,)."""
     out = t["mlp.proj.weight"].double().sum(dim=0)
+    if output_only:
+        return out
     for name in ("mlp.fc.weight", "mlp.gate.weight"):
         if name in t:
             out = out + t[name].double().sum(dim=1)
@@ -77,16 +79,20 @@ def neuron_sums(block: nn.Module, t: dict[str, torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def unit_sums(model, t_per_block: list[dict[str, torch.Tensor]], structures, mode: str) -> dict[str, torch.Tensor]:
+LAYER_OUTPUTS = ("attn.proj.weight", "attn.proj.bias", "mlp.proj.weight", "mlp.proj.bias")
+
+
+def unit_sums(t_per_block: list[dict[str, torch.Tensor]], cfg, structures, mode: str, output_only: bool) -> dict[str, torch.Tensor]:
     """{'heads': (n_blocks, n_units), 'mlp': (n_blocks, hidden), 'layers': (n_blocks,)}."""
-    cfg = model.config
     out: dict[str, torch.Tensor] = {}
     if "heads" in structures:
-        out["heads"] = torch.stack([head_sums(b, t, cfg, mode) for b, t in zip(model.blocks, t_per_block)])
+        out["heads"] = torch.stack([head_sums(t, cfg, mode, output_only) for t in t_per_block])
     if "mlp" in structures:
-        out["mlp"] = torch.stack([neuron_sums(b, t) for b, t in zip(model.blocks, t_per_block)])
+        out["mlp"] = torch.stack([neuron_sums(t, output_only) for t in t_per_block])
     if "layers" in structures:
-        out["layers"] = torch.stack([sum(v.double().sum() for v in t.values()) for t in t_per_block])
+        out["layers"] = torch.stack(
+            [sum(v.double().sum() for k, v in t.items() if not output_only or k in LAYER_OUTPUTS) for t in t_per_block]
+        )
     return out
 
 
@@ -129,7 +135,7 @@ def importance(
         _check_block(b, structures)
     mode = head_mode(model.config, mode) if "heads" in structures else mode
     if method == "magnitude":
-        sq = unit_sums(model, _per_block(model, lambda p: p.detach().double().cpu() ** 2), structures, mode)
+        sq = unit_sums(_per_block(model, lambda p: p.detach().double().cpu() ** 2), model.config, structures, mode, False)
         return {k: v.sqrt() for k, v in sq.items()}
     if batches is None:
         raise ConfigError(f"importance method {method} needs data batches (magnitude does not)")
@@ -145,10 +151,11 @@ def importance(
         for x, y in batches:
             model.zero_grad(set_to_none=True)
             logits = model(x.to(device))
-            F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1)).backward()
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            F.cross_entropy(logits.view(-1, logits.size(-1)), y.to(device).view(-1)).backward()
             if method == "taylor":
                 wg = _per_block(model, lambda p: (p.detach().double() * _grad(p).double()).cpu())
-                s = {k: v.abs() for k, v in unit_sums(model, wg, structures, mode).items()}
+                s = {k: v.abs() for k, v in unit_sums(wg, model.config, structures, mode, True).items()}
                 taylor = s if taylor is None else {k: taylor[k] + s[k] for k in s}
             else:
                 for acc, b in zip(grad_sq, model.blocks):
@@ -170,7 +177,7 @@ def importance(
         {name: 0.5 * p.detach().double().cpu() ** 2 * acc[name] / n for name, p in b.named_parameters()}
         for acc, b in zip(grad_sq, model.blocks)
     ]
-    return unit_sums(model, fisher, structures, mode)
+    return unit_sums(fisher, model.config, structures, mode, True)
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor:

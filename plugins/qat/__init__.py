@@ -189,7 +189,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer: dict | 
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(blob, tmp)
+    with open(tmp, "wb") as f:  # a file object: the archive's inner name does not depend on the file name
+        torch.save(blob, f)
     tmp.replace(path)
     return path.stat().st_size
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from microgpt.errors import ConfigError
+
 T = TypeVar("T")
 
 
-class UnknownComponentError(KeyError):
+class UnknownComponentError(ConfigError, KeyError):
     """A name that no registry entry answers to. `str()` is one line naming the known choices."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain

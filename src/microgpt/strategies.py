@@ -225,6 +225,9 @@ def deepspeed(
         raise ConfigError(f"strategy: DeepSpeed ZeRO stage must be 1, 2 or 3, got {stage!r}")
     if offload_parameters and stage != 3:
         raise ConfigError("strategy: offload_parameters needs ZeRO stage 3; set stage=3 or offload_optimizer only")
+    # DeepSpeed wants the per-device micro batch; Lightning reads it off a batch sampler our loaders lack
+    if kwargs.get("logging_batch_size_per_gpu", "auto") == "auto":
+        kwargs["logging_batch_size_per_gpu"] = 1
     cls = CPUDeepSpeedStrategy if _on_cpu(accelerator) else DeepSpeedStrategy
     strategy = cls(stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters, **kwargs)
     if offload_optimizer and isinstance(strategy.config, dict):

@@ -1,0 +1,354 @@
+"""Export a model out of microgpt:
+
+    python -m microgpt.export ckpt=PATH format=safetensors|hf|int8|gguf out=DIR
+
+    safetensors  model.safetensors + microgpt.json (config, tokenizer); `microgpt.load(DIR)` reloads it
+    hf           the GPT-2 layout `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads, with the
+                 tokenizer files when the tokenizer is a BPE (tokenizer.json, vocab.json, merges.txt)
+    int8         Linear weights (and the token embedding / tied head) quantized per output channel,
+                 symmetric: q = round(w / s) in [-127, 127], s = max|w_row| / 127, stored as int8 + float32
+                 scales in model.safetensors; `microgpt.load(DIR)` dequantizes
+    gguf         model.gguf for the `gpt2` architecture (llama.cpp's tensor names, metadata and BPE vocab)
+
+PATH is anything `microgpt.load` accepts (a .ckpt, a run dir, an exported dir, an HF GPT-2 dir). The
+export is written to a temporary directory next to DIR and renamed into place when complete, so an
+error never leaves a half-written DIR. The last line printed is a JSON summary (files and sizes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig
+
+from microgpt.checkpoint import EXPORT_META, model_from_checkpoint, read_checkpoint
+from microgpt.cli import CONF_DIR, exit_on_error, quiet_env
+from microgpt.errors import CheckpointError, ConfigError
+from microgpt.hf import gpt2_blockers, hf_config_dict, save_hf_tokenizer, state_dict_to_hf
+
+FORMATS = ("safetensors", "hf", "int8", "gguf")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INT8_SCHEME = "int8 per output channel, symmetric: w = q * scale[row], q in [-127, 127], scale = max|w[row]| / 127"
+
+
+# ---- writing atomically --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it becomes `out`, on error it is removed."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"out={out} exists and is not empty; pass another directory or overwrite=true")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as e:
+        raise ConfigError(f"cannot write next to out={out} ({e.strerror}); pass a writable directory") from None
+    try:
+        yield tmp
+        if out.exists():  # swap: the old directory goes only once the new one is complete
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _files(d: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in sorted(d.iterdir()) if f.is_file()}
+
+
+def _save_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    odd = [k for k, v in sd.items() if type(v) is not torch.Tensor and not isinstance(v, nn.Parameter)]
+    if odd:
+        raise CheckpointError(
+            f"tensors {odd[:3]} are not plain tensors (a quantization converter's?); export the model before conversion"
+        )
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(path), metadata=metadata)
+
+
+def _check_plain(model) -> None:
+    if model.config.converters:
+        names = ", ".join(str(c.get("name")) for c in model.config.converters)
+        raise CheckpointError(
+            f"the model was converted ({names}); these formats hold plain weights: export the model before conversion"
+        )
+
+
+# ---- formats -------------------------------------------------------------------------------------------
+
+
+def _meta(model, tok, plugins: dict, weights: str, dtype: str, quant: dict | None = None) -> dict[str, Any]:
+    return {
+        "format": "microgpt",
+        "version": 1,
+        "weights": weights,
+        "dtype": dtype,
+        "model": model.config.to_dict(),
+        "tokenizer": tok.to_dict(),
+        "plugins": plugins,
+        "quantization": quant,
+    }
+
+
+def write_safetensors(model, tok, out: Path, plugins: dict, dtype: str = "float32") -> None:
+    sd = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    _save_safetensors(sd, out / "model.safetensors", {"format": "pt"})
+    meta = _meta(model, tok, plugins, "model.safetensors", dtype)
+    (out / EXPORT_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def int8_targets(model, quantize_embeddings: bool = True) -> list[str]:
+    """State-dict names of the weights quantized to int8: every nn.Linear's, plus the token embedding."""
+    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if quantize_embeddings:
+        names.append("wte.weight")
+    return names
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: (q int8 (out, in), scale float32 (out,)) with w ~= q * scale[:, None]."""
+    w = w.detach().to(torch.float32)
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays exactly zero
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def write_int8(model, tok, out: Path, plugins: dict, quantize_embeddings: bool = True) -> None:
+    _check_plain(model)
+    sd = dict(model.state_dict())
+    targets = int8_targets(model, quantize_embeddings)
+    for name in targets:
+        q, scale = quantize_per_channel(sd[name])
+        sd[name], sd[f"{name}.scale"] = q, scale
+    _save_safetensors(sd, out / "model.safetensors", {"format": "pt"})
+    quant = {"scheme": INT8_SCHEME, "tensors": targets}
+    meta = _meta(model, tok, plugins, "model.safetensors", "int8", quant)
+    (out / EXPORT_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def _blocked(model, fmt: str) -> None:
+    bad = gpt2_blockers(model.config)
+    if bad:
+        raise CheckpointError(
+            f"format={fmt} is GPT-2's architecture, which cannot represent this model: {'; '.join(bad)}; "
+            "use format=safetensors or format=int8"
+        )
+
+
+def write_hf(model, tok, out: Path, dtype: str = "float32") -> None:
+    _blocked(model, "hf")
+    sd = state_dict_to_hf(model.state_dict(), model.config)
+    sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
+    _save_safetensors(sd, out / "model.safetensors", {"format": "pt"})
+    cfg = hf_config_dict(model.config, tok, dtype)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    save_hf_tokenizer(tok, out, model.config.block_size)
+
+
+# GGUF: llama.cpp's names for the gpt2 architecture (gguf.constants.MODEL_ARCH.GPT2)
+_GGUF_LAYER = {
+    "norm1": "attn_norm",
+    "attn.qkv": "attn_qkv",
+    "attn.proj": "attn_output",
+    "norm2": "ffn_norm",
+    "mlp.fc": "ffn_up",
+    "mlp.proj": "ffn_down",
+}
+
+
+def gguf_tensors(model) -> dict[str, torch.Tensor]:
+    """GGUF name -> tensor in torch layout ((out, in) matrices, as llama.cpp's GPT-2 converter writes them)."""
+    cfg = model.config
+    sd = model.state_dict()
+
+    def bias(prefix: str, n: int) -> torch.Tensor:  # bias=False: zeros (llama.cpp's gpt2 requires biases)
+        return sd.get(f"{prefix}.bias", torch.zeros(n))
+
+    out = {
+        "token_embd.weight": sd["wte.weight"],
+        "position_embd.weight": sd["pos.wpe.weight"],
+        "output_norm.weight": sd["norm_f.weight"],
+        "output_norm.bias": bias("norm_f", cfg.n_embd),
+        # llama.cpp's own converter writes GPT-2's tied head out as a tensor of its own: do the same
+        "output.weight": model.output_weight.detach(),
+    }
+    for i in range(cfg.n_layer):
+        for mg, gg in _GGUF_LAYER.items():
+            w = sd[f"blocks.{i}.{mg}.weight"]
+            out[f"blk.{i}.{gg}.weight"] = w
+            out[f"blk.{i}.{gg}.bias"] = bias(f"blocks.{i}.{mg}", w.shape[0])
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}
+
+
+def _gguf_vocab(tok, vocab_size: int) -> dict[str, Any] | None:
+    """tokens / types / merges for tokenizer.ggml.model=gpt2, when the tokenizer is a byte-level BPE."""
+    backend = getattr(tok, "tok", None)
+    if backend is None or type(backend.model).__name__ != "BPE":
+        return None
+    spec = json.loads(backend.to_str())
+    merges = spec.get("model", {}).get("merges", [])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    vocab = backend.get_vocab(with_added_tokens=True)
+    by_id = {i: t for t, i in vocab.items()}
+    special = {a["content"] for a in spec.get("added_tokens", []) if a.get("special")}
+    tokens, types = [], []
+    for i in range(vocab_size):  # llama.cpp wants exactly n_vocab tokens: pad a padded vocabulary
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(5)  # UNUSED
+        else:
+            tokens.append(t)
+            types.append(3 if t in special else 1)  # CONTROL / NORMAL
+    return {"tokens": tokens, "types": types, "merges": merges, "eot": backend.token_to_id("<|endoftext|>")}
+
+
+def write_gguf(model, tok, out: Path, dtype: str = "float32") -> None:
+    import gguf
+
+    _blocked(model, "gguf")
+    if dtype not in ("float32", "float16"):
+        raise ConfigError(f"format=gguf writes dtype=float32 or float16, got {dtype}")
+    cfg = model.config
+    np_dtype = {"float32": "float32", "float16": "float16"}[dtype]
+    w = gguf.GGUFWriter(str(out / "model.gguf"), "gpt2")
+    w.add_name("microgpt")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    w.add_layer_norm_eps(cfg.norm_eps)
+    vocab = _gguf_vocab(tok, cfg.vocab_size)
+    if vocab is not None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(vocab["tokens"])
+        w.add_token_types(vocab["types"])
+        w.add_token_merges(vocab["merges"])
+        if vocab["eot"] is not None:
+            w.add_bos_token_id(vocab["eot"])
+            w.add_eos_token_id(vocab["eot"])
+    else:  # char / byte tokenizers have no llama.cpp equivalent: a vocabulary-less model
+        w.add_tokenizer_model("none")
+    # microgpt's own records, so nothing is lost on the way back
+    w.add_string("microgpt.tokenizer", json.dumps(tok.to_dict()))
+    w.add_string("microgpt.config", json.dumps(cfg.to_dict()))
+    for name, t in gguf_tensors(model).items():
+        # 1-D tensors (norms, biases) stay float32, as llama.cpp's converter keeps them
+        arr = t.numpy()
+        w.add_tensor(name, arr.astype(np_dtype) if arr.ndim == 2 else arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# ---- entry points --------------------------------------------------------------------------------------
+
+
+def export(
+    ckpt: str | os.PathLike,
+    format: str,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    dtype: str = "float32",
+    quantize_embeddings: bool = True,
+) -> dict[str, Any]:
+    """Export the model at `ckpt` to `out` in `format`; returns a summary with file sizes."""
+    if format not in FORMATS:
+        raise ConfigError(f"format={format!r} is unknown; choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    if format == "int8" and dtype != "float32":
+        raise ConfigError("format=int8 keeps its unquantized tensors in float32; leave dtype=float32")
+    from microgpt.data.tokenizers import tokenizer_from_dict
+
+    ck = read_checkpoint(ckpt)
+    model = model_from_checkpoint(ck).eval()
+    tok_rec = ck["hyper_parameters"].get("tokenizer")
+    if tok_rec is None:
+        raise CheckpointError(f"checkpoint {ckpt} has no tokenizer; it was not written by microgpt's train.py")
+    tok = tokenizer_from_dict(tok_rec)
+    plugins = dict(ck["hyper_parameters"].get("plugins") or {})
+    del ck
+    # refuse what a format cannot hold before anything is written
+    if format in ("hf", "gguf"):
+        _blocked(model, format)
+    if format == "int8":
+        _check_plain(model)
+    with atomic_dir(out, overwrite) as tmp:
+        if format == "safetensors":
+            write_safetensors(model, tok, tmp, plugins, dtype)
+        elif format == "int8":
+            write_int8(model, tok, tmp, plugins, quantize_embeddings)
+        elif format == "hf":
+            write_hf(model, tok, tmp, dtype)
+        else:
+            write_gguf(model, tok, tmp, dtype)
+        files = _files(tmp)
+    fp32 = sum(v.numel() * 4 for v in model.state_dict().values())
+    total = sum(files.values())
+    return {
+        "format": format,
+        "out": str(Path(out).expanduser()),
+        "files": files,
+        "bytes": total,
+        "fp32_weights_bytes": fp32,
+        "size_vs_fp32": round(total / fp32, 4),
+    }
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
+@exit_on_error
+def main(cfg: DictConfig) -> None:
+    result = export(
+        cfg.ckpt,
+        cfg.format,
+        cfg.out,
+        overwrite=cfg.overwrite,
+        dtype=cfg.dtype,
+        quantize_embeddings=cfg.quantize_embeddings,
+    )
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    quiet_env()
+    main()
+
+
+__all__ = [
+    "FORMATS",
+    "atomic_dir",
+    "export",
+    "gguf_tensors",
+    "int8_targets",
+    "quantize_per_channel",
+    "write_gguf",
+    "write_hf",
+    "write_int8",
+    "write_safetensors",
+]
