@@ -53,7 +53,9 @@ def compose(overrides: list[str], output_dir: str | Path | None = None):
         return hcompose(config_name="train", overrides=ov)
 
 
-def run_cli(args: list[str], timeout: float = 300, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], timeout: float = 300, cwd: Path = ROOT, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `python <args>` in a subprocess with a timeout; returns the completed process (text mode)."""
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([PY, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from microgpt.errors import ConfigError
 from microgpt.plugins import load_plugin
@@ -55,7 +54,15 @@ def corpus(tmp_path_factory, shakespeare):
 def teacher(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("teacher") / "run"
     cfg = compose(
-        ["model=nano", "model.n_embd=64", "debug=fast", "trainer.max_steps=60", "data=text", f"data.path={corpus}", *QUIET],
+        [
+            "model=nano",
+            "model.n_embd=64",
+            "debug=fast",
+            "trainer.max_steps=60",
+            "data=text",
+            f"data.path={corpus}",
+            *QUIET,
+        ],
         output_dir=out,
     )
     res = run(cfg)
@@ -118,8 +125,12 @@ def test_alpha_zero_equals_plain_training(tmp_path, corpus, teacher):
 
 @pytest.mark.slow
 def test_distill_resume_is_exact(tmp_path, corpus, teacher):
-    ck = ["callbacks.model_checkpoint.every_n_train_steps=10", "callbacks.model_checkpoint.monitor=null",
-          "callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.filename='s{step}'"]
+    ck = [
+        "callbacks.model_checkpoint.every_n_train_steps=10",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.filename='s{step}'",
+    ]
     run(_student(corpus, tmp_path / "full", teacher, *ck))
     mid = tmp_path / "full" / "checkpoints" / "s10.ckpt"
     assert mid.is_file()

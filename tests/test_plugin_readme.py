@@ -28,9 +28,17 @@ def test_readme_plugin_works_from_outside_the_repo(tmp_path, small_text):
     run_dir = tmp_path / "run"
     env = {"MICROGPT_PLUGIN_PATH": str(tmp_path / "myplugins")}
     args = [
-        "train.py", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "+plugin=primer", "model=nano",
-        "model.mlp=relu2", "debug=fast", "trainer.max_steps=30", "data=text", f"data.path={small_text}",
-        f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null",
+        "train.py",
+        f"hydra.searchpath=[file://{tmp_path / 'myconf'}]",
+        "+plugin=primer",
+        "model=nano",
+        "model.mlp=relu2",
+        "debug=fast",
+        "trainer.max_steps=30",
+        "data=text",
+        f"data.path={small_text}",
+        f"hydra.run.dir={run_dir}",
+        "callbacks.progress_bar=null",
     ]
     p = run_cli(args, env=env)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -39,7 +39,9 @@ def check_config(cfg) -> None:
             "and pass its .ckpt as plugins.distill.teacher"
         )
     if d.divergence not in DIVERGENCES:
-        raise ConfigError(f"plugins.distill.divergence={d.divergence!r} is unknown; choose one of {', '.join(DIVERGENCES)}")
+        raise ConfigError(
+            f"plugins.distill.divergence={d.divergence!r} is unknown; choose one of {', '.join(DIVERGENCES)}"
+        )
     if not 0.0 <= d.alpha <= 1.0 or (d.alpha_end is not None and not 0.0 <= d.alpha_end <= 1.0):
         raise ConfigError(f"plugins.distill.alpha must be in [0, 1], got {d.alpha} (alpha_end {d.alpha_end})")
     if d.temperature <= 0:
@@ -146,7 +148,11 @@ class Distill(L.Callback):
             s_cfg, t_cfg = module.model.config, teacher.config
             if not self.layer_map:
                 self.layer_map = {s_cfg.n_layer - 1: t_cfg.n_layer - 1}
-            bad = [f"{s}->{t}" for s, t in self.layer_map.items() if not (0 <= s < s_cfg.n_layer and 0 <= t < t_cfg.n_layer)]
+            bad = [
+                f"{s}->{t}"
+                for s, t in self.layer_map.items()
+                if not (0 <= s < s_cfg.n_layer and 0 <= t < t_cfg.n_layer)
+            ]
             if bad:
                 raise ConfigError(f"plugins.distill.layer_map has layers out of range: {bad}")
             # learned projections student width -> teacher width: part of the training state (resume),

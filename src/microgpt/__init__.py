@@ -1,7 +1,7 @@
 """microgpt: train small GPTs fast, then make them smaller still.
 
-    model, tokenizer = microgpt.load("outputs/.../checkpoints/last.ckpt")
-    logits = model(torch.tensor([tokenizer.encode("hello")]))   # (1, T, vocab)
+model, tokenizer = microgpt.load("outputs/.../checkpoints/last.ckpt")
+logits = model(torch.tensor([tokenizer.encode("hello")]))   # (1, T, vocab)
 """
 
 from microgpt.config import GPTConfig

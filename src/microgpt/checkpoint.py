@@ -14,7 +14,6 @@ from microgpt.config import GPTConfig
 from microgpt.errors import CheckpointError
 from microgpt.model import GPT, build_model
 
-
 EXPORT_META = "microgpt.json"  # marks a directory written by `python -m microgpt.export` (safetensors / int8)
 
 
@@ -58,14 +57,18 @@ def read_export_dir(path: str | os.PathLike) -> dict[str, Any]:
         weights = p / meta["weights"]
         model_cfg, tok = meta["model"], meta["tokenizer"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{p / EXPORT_META} is damaged ({type(e).__name__}: {e}); export the model again") from None
+        raise CheckpointError(
+            f"{p / EXPORT_META} is damaged ({type(e).__name__}: {e}); export the model again"
+        ) from None
     if not weights.is_file():
         raise CheckpointError(f"exported directory {p} lacks its weights file {weights.name}; export the model again")
     try:
         sd = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"weights file {weights} is truncated or corrupt ({first}); export the model again") from None
+        raise CheckpointError(
+            f"weights file {weights} is truncated or corrupt ({first}); export the model again"
+        ) from None
     quant = meta.get("quantization") or {}
     for name in quant.get("tensors", []):
         q, scale = sd.get(name), sd.pop(f"{name}.scale", None)
@@ -74,7 +77,11 @@ def read_export_dir(path: str | os.PathLike) -> dict[str, Any]:
         sd[name] = q.to(torch.float32) * scale.to(torch.float32)[:, None]
     sd = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
     hp = {"model": model_cfg, "tokenizer": tok, "plugins": meta.get("plugins") or {}}
-    return {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "hyper_parameters": hp, "source": {"export": str(p)}}
+    return {
+        "state_dict": {f"model.{k}": v for k, v in sd.items()},
+        "hyper_parameters": hp,
+        "source": {"export": str(p)},
+    }
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -95,11 +102,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {p} is corrupt or not a microgpt checkpoint ({first}); retrain or pick another file") from None
+        raise CheckpointError(
+            f"checkpoint {p} is corrupt or not a microgpt checkpoint ({first}); retrain or pick another file"
+        ) from None
     except Exception as e:  # pickle.UnpicklingError for anything outside the weights-only allowlist
-        raise CheckpointError(f"checkpoint {p} cannot be loaded safely ({type(e).__name__}); it may hold arbitrary code") from None
+        raise CheckpointError(
+            f"checkpoint {p} cannot be loaded safely ({type(e).__name__}); it may hold arbitrary code"
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt.get("hyper_parameters", {}):
-        raise CheckpointError(f"{p} is not a microgpt checkpoint (no model config or state_dict); pass a .ckpt written by train.py")
+        raise CheckpointError(
+            f"{p} is not a microgpt checkpoint (no model config or state_dict); pass a .ckpt written by train.py"
+        )
     return ckpt
 
 

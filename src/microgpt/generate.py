@@ -1,6 +1,6 @@
 """Sample text from a checkpoint, streaming tokens to stdout as they are generated.
 
-    python -m microgpt.generate ckpt=PATH prompt="ROMEO:" max_new_tokens=200 temperature=0.8 top_k=50
+python -m microgpt.generate ckpt=PATH prompt="ROMEO:" max_new_tokens=200 temperature=0.8 top_k=50
 """
 
 from __future__ import annotations

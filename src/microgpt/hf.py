@@ -255,7 +255,9 @@ def gpt_config_from_hf(hf: dict[str, Any], path: str | os.PathLike = "") -> GPTC
     return cfg
 
 
-def state_dict_from_hf(weights: dict[str, torch.Tensor], cfg: GPTConfig, path: str | os.PathLike = "") -> dict[str, torch.Tensor]:
+def state_dict_from_hf(
+    weights: dict[str, torch.Tensor], cfg: GPTConfig, path: str | os.PathLike = ""
+) -> dict[str, torch.Tensor]:
     """HF GPT-2 tensors -> a microgpt state dict (float32), checking names and shapes."""
     from microgpt.model import GPT
 
@@ -396,7 +398,9 @@ def gpt2_blockers(cfg: GPTConfig) -> list[str]:
     elif cfg.attention == "sliding":
         out.append(f"attention=sliding (window {cfg.window}; GPT-2 attends to every earlier position)")
     elif cfg.n_kv_head != cfg.n_head:
-        out.append(f"attention={cfg.attention} with n_kv_head={cfg.n_kv_head} < n_head={cfg.n_head} (GPT-2 has one key/value head per query head)")
+        out.append(
+            f"attention={cfg.attention} with n_kv_head={cfg.n_kv_head} < n_head={cfg.n_head} (GPT-2 has one key/value head per query head)"
+        )
     if cfg.head_dim * cfg.n_head != cfg.n_embd:
         out.append(f"head_dim={cfg.head_dim} x n_head={cfg.n_head} != n_embd={cfg.n_embd} (pruned heads)")
     if cfg.n_unique_layers is not None and cfg.n_unique_layers != cfg.n_layer:

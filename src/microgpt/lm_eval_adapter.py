@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (registers lm-eval's built-in backends first: see below)
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
@@ -37,11 +38,13 @@ def _bool(v: Any) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
 
 
+# lm-eval fills its registry with its built-in backends only when the registry is empty; importing
+# lm_eval.models above does it now, so registering `microgpt` does not hide `hf`, `vllm`, ...
 @register_model("microgpt")
 class MicroGPTLM(TemplateLM):
     """lm-eval backend for a microgpt model.
 
-    model_args: ckpt=PATH (required), device=cpu|cuda, batch_size=N, dtype=float32|bfloat16,
+    model_args: ckpt=PATH (required), device=cpu|cuda (default: cuda if available), batch_size=N, dtype=float32|bfloat16,
     max_gen_toks=256. The end-of-text token (scoring prefix for empty contexts and rolling windows) is
     `<|endoftext|>` when the vocabulary has it, else the token of "\\n" (char/byte models).
     """
@@ -49,7 +52,7 @@ class MicroGPTLM(TemplateLM):
     def __init__(
         self,
         ckpt: str | None = None,
-        device: str | None = "cpu",
+        device: str | None = None,
         batch_size: int | str | None = 1,
         dtype: str = "float32",
         max_gen_toks: int = 256,
@@ -67,7 +70,9 @@ class MicroGPTLM(TemplateLM):
             )
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype={dtype!r}: choose float32, bfloat16 or float16")
-        self._device = torch.device(device or "cpu")
+        if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
+        self._device = torch.device(device)
         model, tok = load(ckpt, map_location=self._device)
         self.model = model.to(getattr(torch, dtype)).eval()
         self.mg_tokenizer = tok
@@ -218,14 +223,14 @@ class MicroGPTLM(TemplateLM):
 
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's command line, with the `microgpt` backend registered."""
-    from microgpt.cli import quiet_env
-
-    quiet_env()
     from lm_eval.__main__ import cli_evaluate
 
+    from microgpt.cli import exit_on_error, quiet_env
+
+    quiet_env()
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    exit_on_error(cli_evaluate)()
 
 
 if __name__ == "__main__":

@@ -133,7 +133,9 @@ class GPT(nn.Module):
             nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
             yield nxt
             seq = torch.cat([seq, nxt], dim=1)
-            if cache.length + 1 > cap:  # context full: recompute over the last block_size tokens (nanoGPT crops the same way)
+            if (
+                cache.length + 1 > cap
+            ):  # context full: recompute over the last block_size tokens (nanoGPT crops the same way)
                 cache = Cache(self.config.n_layer)
                 logits = self(seq[:, -cap:], cache)[:, -1, :]
             else:

@@ -42,8 +42,22 @@ def _on_cpu(accelerator: str | None) -> bool:
     raise ConfigError(f"strategy: unsupported trainer.accelerator={accelerator!r}; use auto, cpu, cuda or gpu")
 
 
-def _world_size(devices: Any, num_nodes: int, cpu: bool) -> int:
-    """Processes the trainer will start, from trainer.devices / trainer.num_nodes."""
+def _available(cpu: bool) -> int:
+    if cpu:
+        try:
+            return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+        except AttributeError:
+            return os.cpu_count() or 1
+    return torch.cuda.device_count()
+
+
+def _check_devices(devices: Any, num_nodes: int, accelerator: str | None) -> int:
+    """Processes per node the trainer will start, after checking this node can hold them. Returns the world size.
+
+    On GPUs one process per visible GPU; on the CPU one per core (more only oversubscribes the cores: the
+    gloo collectives then spin against each other and a run crawls instead of failing).
+    """
+    cpu = _on_cpu(accelerator)
     if isinstance(devices, (list, tuple)):
         n = len(devices)
     elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
@@ -54,18 +68,30 @@ def _world_size(devices: Any, num_nodes: int, cpu: bool) -> int:
         n = -1
     else:
         raise ConfigError(f"trainer.devices={devices!r} is not a number of devices; pass e.g. trainer.devices=2")
+    have = _available(cpu)
+    if not cpu and have == 0:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible; use trainer.accelerator=cpu (or auto)"
+        )
     if n == -1:  # all of them
-        n = 1 if cpu else max(1, torch.cuda.device_count())
+        n = 1 if cpu else have
     if n < 1:
         raise ConfigError(f"trainer.devices must be >= 1 (or -1 / auto), got {devices!r}")
+    if n > have:
+        what = f"{have} CPU core(s)" if cpu else f"{have} visible GPU(s)"
+        raise ConfigError(
+            f"trainer.devices={n} processes but this machine has {what}; use trainer.devices<={have} per node "
+            "(and trainer.num_nodes for more machines)"
+        )
     return n * int(num_nodes)
 
 
 # ---- DDP ------------------------------------------------------------------------------------------------
 
 
-def ddp(**kwargs: Any) -> DDPStrategy:
-    """Lightning's DDPStrategy (gloo on CPU, nccl on CUDA), unchanged."""
+def ddp(devices: Any = 1, num_nodes: int = 1, accelerator: str = "auto", **kwargs: Any) -> DDPStrategy:
+    """Lightning's DDPStrategy (gloo on CPU, nccl on CUDA), unchanged; devices are checked first."""
+    _check_devices(devices, num_nodes, accelerator)
     return DDPStrategy(**kwargs)
 
 
@@ -78,7 +104,7 @@ def fsdp(devices: Any = 1, num_nodes: int = 1, accelerator: str = "auto", **kwar
     Lightning's FSDPStrategy (FSDP1) refuses the CPU; FSDP2 (`fully_shard`) runs on both, so one code path
     serves laptops and GPU nodes. Pure data parallelism: data_parallel_size = all processes, tensor 1.
     """
-    world = _world_size(devices, num_nodes, _on_cpu(accelerator))
+    world = _check_devices(devices, num_nodes, accelerator)
     return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, **kwargs)
 
 
@@ -213,6 +239,8 @@ def deepspeed(
     stage: int = 2,
     offload_optimizer: bool = False,
     offload_parameters: bool = False,
+    devices: Any = 1,
+    num_nodes: int = 1,
     accelerator: str = "auto",
     **kwargs: Any,
 ) -> DeepSpeedStrategy:
@@ -225,6 +253,7 @@ def deepspeed(
         raise ConfigError(f"strategy: DeepSpeed ZeRO stage must be 1, 2 or 3, got {stage!r}")
     if offload_parameters and stage != 3:
         raise ConfigError("strategy: offload_parameters needs ZeRO stage 3; set stage=3 or offload_optimizer only")
+    _check_devices(devices, num_nodes, accelerator)
     # DeepSpeed wants the per-device micro batch; Lightning reads it off a batch sampler our loaders lack
     if kwargs.get("logging_batch_size_per_gpu", "auto") == "auto":
         kwargs["logging_batch_size_per_gpu"] = 1

@@ -78,7 +78,9 @@ def _check_run_settings(cfg: DictConfig) -> None:
     if cfg.scheduler.warmup_steps < 0:
         raise ConfigError(f"scheduler.warmup_steps must be >= 0, got {cfg.scheduler.warmup_steps}")
     if cfg.scheduler.min_lr < 0 or cfg.scheduler.min_lr > cfg.optimizer.lr:
-        raise ConfigError(f"scheduler.min_lr must be in [0, optimizer.lr={cfg.optimizer.lr}], got {cfg.scheduler.min_lr}")
+        raise ConfigError(
+            f"scheduler.min_lr must be in [0, optimizer.lr={cfg.optimizer.lr}], got {cfg.scheduler.min_lr}"
+        )
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -99,7 +101,9 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 def _check_same_model(ckpt: dict[str, Any], cfg: GPTConfig, path: str) -> None:
     saved = dict(ckpt["hyper_parameters"]["model"])
     now = cfg.to_dict()
-    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    diff = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+    ]
     if diff:
         raise CheckpointError(
             f"cannot resume {path}: the model differs from the checkpoint ({'; '.join(diff)}); "
@@ -179,7 +183,9 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     else:
         mcfg = model_config(cfg, dm.vocab_size)
     if mcfg.block_size < dm.block_size:
-        raise ConfigError(f"data.block_size={dm.block_size} exceeds model.block_size={mcfg.block_size}; make them equal")
+        raise ConfigError(
+            f"data.block_size={dm.block_size} exceeds model.block_size={mcfg.block_size}; make them equal"
+        )
     if ckpt is not None:
         _check_same_model(ckpt, mcfg, ckpt_path)
 
@@ -202,7 +208,10 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     if trainer.is_global_zero:
         n = module.model.num_params()
         log.info("model: %s parameters (%.2fM)", f"{n:,}", n / 1e6)
-        print(f"model: {n:,} parameters ({n / 1e6:.2f}M), vocab {mcfg.vocab_size}, tokenizer {dm.tokenizer.name}", flush=True)
+        print(
+            f"model: {n:,} parameters ({n / 1e6:.2f}M), vocab {mcfg.vocab_size}, tokenizer {dm.tokenizer.name}",
+            flush=True,
+        )
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
     for cb in trainer.callbacks:  # plugin callbacks: load teachers, add trainable pieces, check shapes
