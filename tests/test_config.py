@@ -5,6 +5,7 @@ matches nanoGPT's published settings, and the lr schedule matches nanoGPT's get_
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 from functools import partial
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONF, compose
+from conftest import CONF
 from hydra import compose as hcompose
 from hydra import initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationKeyError
 
 from microgpt.errors import ConfigError
@@ -64,20 +65,43 @@ def _leaves(node, prefix=()) -> dict[tuple, object]:
     return {prefix: node}
 
 
-def _resolve_all(cfg, tmp_path: Path) -> dict:
-    """Resolve every interpolation except Hydra's runtime ones (no Hydra app is running here)."""
-    cfg = copy.deepcopy(cfg)
-    OmegaConf.set_struct(cfg, False)
-    raw = OmegaConf.to_container(cfg, resolve=False)
-    for path, value in _leaves(raw).items():
-        if isinstance(value, str) and "${hydra:" in value:
-            OmegaConf.update(cfg, ".".join(path), str(tmp_path / "hydra-runtime"), merge=False)
-    return OmegaConf.to_container(cfg, resolve=True)
+OUT = "/tmp/microgpt-test-config/run"  # paths.output_dir; composing creates nothing there
 
 
-def _compose_root(name: str, overrides: list[str]):
+@functools.cache
+def _composed(config_name: str, overrides: tuple[str, ...]) -> tuple[DictConfig, dict[str, str]]:
+    """Compose once per (config, overrides): composition is the slow part of this file.
+
+    Returns the config as the task function sees it (no `hydra` node; read-only, as it is shared) and
+    Hydra's record of the group choices."""
+    ov = [*overrides, f"paths.output_dir={OUT}"] if config_name == "train" else list(overrides)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hcompose(config_name=name, overrides=overrides)
+        cfg = hcompose(config_name=config_name, overrides=ov, return_hydra_config=True)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    OmegaConf.set_readonly(cfg, True)
+    return cfg, choices
+
+
+def cfg_of(*overrides: str, name: str = "train") -> DictConfig:
+    return _composed(name, overrides)[0]
+
+
+def container(*overrides: str) -> dict:
+    return OmegaConf.to_container(cfg_of(*overrides), resolve=False)
+
+
+def _resolve_all(cfg: DictConfig) -> dict:
+    """Resolve every interpolation except Hydra's runtime ones (no Hydra app is running here)."""
+    runtime = [p for p, v in _leaves(OmegaConf.to_container(cfg)).items() if isinstance(v, str) and "${hydra:" in v]
+    if runtime:
+        cfg = copy.deepcopy(cfg)
+        OmegaConf.set_readonly(cfg, False)
+        OmegaConf.set_struct(cfg, False)
+        for path in runtime:
+            OmegaConf.update(cfg, ".".join(path), OUT, merge=False)
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 # ---- every shipped config composes and resolves -----------------------------------------------------
@@ -94,37 +118,36 @@ def test_discovery_finds_the_shipped_groups():
 
 
 @pytest.mark.parametrize("override", GROUP_OVERRIDES)
-def test_every_group_option_composes_and_resolves(override, tmp_path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hcompose(
-            config_name="train", overrides=[override, f"paths.output_dir={tmp_path}"], return_hydra_config=True
-        )
+def test_every_group_option_composes_and_resolves(override):
     group, _, name = override.lstrip("+").partition("=")
-    assert cfg.hydra.runtime.choices.get(group) == name  # the choice took effect
-    with open_dict(cfg):
-        del cfg["hydra"]
-    resolved = _resolve_all(cfg, tmp_path)
-    assert resolved["paths"]["output_dir"] == str(tmp_path)
+    assert _composed("train", (override,))[1].get(group) == name  # the choice took effect
+    resolved = _resolve_all(cfg_of(override))
+    assert resolved["paths"]["output_dir"] == OUT
+    assert {"model", "data", "optimizer", "trainer", "scheduler", "seed"} <= set(resolved)
 
 
 @pytest.mark.parametrize("name", ROOT_CONFIGS)
-def test_every_root_config_composes_and_resolves(name, tmp_path):
-    overrides = [] if name == "train" else ["++ckpt=x"]
-    resolved = _resolve_all(_compose_root(name, overrides), tmp_path)
+def test_every_root_config_composes_and_resolves(name):
+    overrides = () if name == "train" else ("++ckpt=x",)
+    resolved = _resolve_all(cfg_of(*overrides, name=name))
     if name != "train":
         assert resolved["ckpt"] == "x"
     else:
         assert {"model", "data", "optimizer", "trainer", "callbacks", "paths"} <= set(resolved)
 
 
-def test_resolve_all_really_resolves(tmp_path):
+def test_resolve_all_really_resolves():
     # a dangling interpolation must fail, or the tests above would prove nothing
-    cfg = compose(["+broken=${does.not.exist}"], output_dir=tmp_path)
+    cfg = copy.deepcopy(cfg_of())
+    assert _resolve_all(cfg)["data"]["block_size"] == cfg.model.block_size  # interpolations are followed
+    OmegaConf.set_readonly(cfg, False)
+    with open_dict(cfg):
+        cfg.broken = "${does.not.exist}"
     with pytest.raises(InterpolationKeyError):
-        _resolve_all(cfg, tmp_path)
+        _resolve_all(cfg)
 
 
-def test_data_presets_name_registered_sources_and_options(tmp_path):
+def test_data_presets_name_registered_sources_and_options():
     """A preset's source_options must be parameters of its source (a stale inherited option breaks data=X)."""
     import microgpt.data  # noqa: F401  (registers sources and tokenizers)
     from microgpt.registry import SOURCE, TOKENIZER
@@ -132,7 +155,7 @@ def test_data_presets_name_registered_sources_and_options(tmp_path):
     presets = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "base")
     assert presets
     for preset in presets:
-        d = OmegaConf.to_container(compose([f"data={preset}"], output_dir=tmp_path).data, resolve=False)
+        d = container(f"data={preset}")["data"]
         assert d["source"] in SOURCE, f"data={preset}: unknown source {d['source']!r}"
         assert d["tokenizer"] in TOKENIZER, f"data={preset}: unknown tokenizer {d['tokenizer']!r}"
         params = inspect.signature(SOURCE.get(d["source"])).parameters
@@ -142,12 +165,12 @@ def test_data_presets_name_registered_sources_and_options(tmp_path):
         assert not bad, f"data={preset}: source {d['source']!r} takes no option(s) {sorted(bad)}"
 
 
-def test_model_presets_build_valid_configs(tmp_path):
+def test_model_presets_build_valid_configs():
     from microgpt.registry import ATTENTION, MLP, NORM, POSITION
     from microgpt.train import model_config
 
     for preset in MODEL_PRESETS:
-        cfg = model_config(compose([f"model={preset}"], output_dir=tmp_path), 65)
+        cfg = model_config(cfg_of(f"model={preset}"), 65)
         for reg, value in ((ATTENTION, cfg.attention), (MLP, cfg.mlp), (NORM, cfg.norm), (POSITION, cfg.position)):
             assert value in reg, f"model={preset}: {reg.kind} {value!r} is not registered"
         raw = yaml.safe_load((CONF / "model" / f"{preset}.yaml").read_text())
@@ -189,8 +212,8 @@ def _plugin_writes(before: dict, after: dict, name: str) -> list[str]:
     return sorted(".".join(p) for p in la if p not in lb or lb[p] != la[p])
 
 
-def test_plugin_key_walker_detects_violations(tmp_path):
-    before = OmegaConf.to_container(compose([], output_dir=tmp_path), resolve=False)
+def test_plugin_key_walker_detects_violations():
+    before = container()
     after = copy.deepcopy(before)
     after["plugins"]["fake"] = {"alpha": 1}
     after["callbacks"]["fake"] = {"_target_": "x.Y"}
@@ -212,9 +235,8 @@ def test_plugin_key_walker_detects_violations(tmp_path):
 
 
 @pytest.mark.parametrize("name", PLUGIN_NAMES)
-def test_plugin_yaml_writes_only_its_own_keys(name, tmp_path):
-    before = OmegaConf.to_container(compose([], output_dir=tmp_path), resolve=False)
-    after = OmegaConf.to_container(compose([f"+plugin={name}"], output_dir=tmp_path), resolve=False)
+def test_plugin_yaml_writes_only_its_own_keys(name):
+    before, after = container(), container(f"+plugin={name}")
     assert _plugin_violations(before, after, name) == []
     assert _plugin_writes(before, after, name), f"+plugin={name} composed nothing"
     assert name in after["plugins"], f"conf/plugin/{name}.yaml must put its settings under plugins.{name}"
@@ -234,10 +256,10 @@ def test_plugin_yaml_writes_only_its_own_keys(name, tmp_path):
     ],
     ids=["not-an-int", "unknown-key", "embd-not-divisible", "kv-heads-not-divisible", "vocab-too-small"],
 )
-def test_model_config_rejects_bad_settings(overrides, vocab, names, tmp_path):
+def test_model_config_rejects_bad_settings(overrides, vocab, names):
     from microgpt.train import model_config
 
-    cfg = compose(["model=nano", *overrides], output_dir=tmp_path)
+    cfg = cfg_of("model=nano", *overrides)
     with pytest.raises(ConfigError) as ei:
         model_config(cfg, vocab)
     msg = str(ei.value)
@@ -246,25 +268,25 @@ def test_model_config_rejects_bad_settings(overrides, vocab, names, tmp_path):
         assert n in msg, (n, msg)
 
 
-def test_model_config_accepts_good_settings(tmp_path):
+def test_model_config_accepts_good_settings():
     # the control for the test above: the same path succeeds on a valid config
     from microgpt.train import model_config
 
-    cfg = model_config(compose(["model=nano", "model.n_kv_head=1", "model.attention=gqa"], output_dir=tmp_path), 65)
+    cfg = model_config(cfg_of("model=nano", "model.n_kv_head=1", "model.attention=gqa"), 65)
     assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd, cfg.vocab_size) == (2, 2, 1, 32, 65)
-    assert model_config(compose(["model=nano", "model.vocab_size=80"], output_dir=tmp_path), 65).vocab_size == 80
+    assert model_config(cfg_of("model=nano", "model.vocab_size=80"), 65).vocab_size == 80
 
 
 # ---- experiment=shakespeare_baby is nanoGPT's baby GPT -------------------------------------------------
 
 
-def test_shakespeare_baby_matches_nanogpt(tmp_path):
+def test_shakespeare_baby_matches_nanogpt():
     import torch
 
     from microgpt.model import GPT
     from microgpt.train import model_config
 
-    cfg = compose(["experiment=shakespeare_baby"], output_dir=tmp_path)
+    cfg = cfg_of("experiment=shakespeare_baby")
     m, d, o, s, t = cfg.model, cfg.data, cfg.optimizer, cfg.scheduler, cfg.trainer
     # values from ../shared/BENCHMARKS.md ("Training speed and quality, CPU")
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (4, 4, 128, 64)
