@@ -168,6 +168,18 @@ def _float_copy(model: nn.Module) -> nn.Module:
     return copy.eval()
 
 
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """The same weights in the float model without fake quantization (what an fp32 checkpoint holds)."""
+    from microgpt.model import build_model
+
+    cfg = model.config.to_dict()
+    plain = build_model(
+        GPTConfig.from_dict({**cfg, "converters": [c for c in cfg["converters"] if c["name"] != "qat"]})
+    )
+    plain.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, strict=True)
+    return plain
+
+
 def state_dict_bytes(model: nn.Module) -> int:
     """Bytes of torch.save(model.state_dict()) (the fp32 reference size)."""
     buf = io.BytesIO()
@@ -175,18 +187,75 @@ def state_dict_bytes(model: nn.Module) -> int:
     return buf.tell()
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer: dict | None, plugins: dict | None = None) -> int:
-    """Write a converted model as a weights-only artifact; returns its size in bytes."""
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7] -> uint8 holding two of them per byte (low nibble first), flattened."""
+    u = (q.reshape(-1).to(torch.int16) + 8).to(torch.uint8)
+    if u.numel() % 2:
+        u = torch.cat([u, u.new_zeros(1)])
+    return u[0::2] | (u[1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    u = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:n]
+    return (u.to(torch.int16) - 8).to(torch.int8).reshape(shape)
+
+
+def _is_int4(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "IntxUnpackedToInt8Tensor" and t.target_dtype == torch.int4
+
+
+def _pack_entry(t) -> dict[str, Any]:
+    """torchao keeps int4 values one per int8 byte in memory; on disk two share a byte."""
+    aq = t.activation_quantization
+    return {
+        "qdata": pack_int4(t.qdata),
+        "shape": list(t.qdata.shape),
+        "scale": t.scale,
+        "zero_point": t.zero_point,
+        "block_size": list(t.block_size),
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "activation_quantization": None if aq is None else str(getattr(aq, "value", aq)),
+    }
+
+
+def _unpack_entry(e: dict[str, Any]):
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8TensorActivationQuantization as ActQ,
+    )
+
+    aq = e["activation_quantization"]
+    return IntxUnpackedToInt8Tensor(
+        unpack_int4(e["qdata"], e["shape"]),
+        e["scale"],
+        e["zero_point"],
+        torch.int4,
+        tuple(e["block_size"]),
+        getattr(torch, e["dtype"]),
+        None if aq is None else ActQ(aq),
+    )
+
+
+def save_quantized(
+    model: nn.Module, path: str | os.PathLike, tokenizer: dict | None, plugins: dict | None = None
+) -> int:
+    """Write a converted model as a weights-only artifact (int4 packed two per byte); returns its size."""
     spec = qat_spec(model.config)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    int4 = {k: _pack_entry(v) for k, v in sd.items() if _is_int4(v)}
     blob = {
         "format": FORMAT,
         **spec,
         "model": model.config.to_dict(),
         "tokenizer": tokenizer,
         "plugins": dict(plugins or {}),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v for k, v in sd.items() if k not in int4},
+        "int4_packed": int4,
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as f:  # a file object: the archive's inner name does not depend on the file name
@@ -214,9 +283,10 @@ def load_quantized(path: str | os.PathLike):
     import_recorded_plugins(blob)
     config = GPTConfig.from_dict(blob["model"])
     qat_spec(config)  # qat must be the last converter
+    sd = {**blob["state_dict"], **{k: _unpack_entry(e) for k, e in blob.get("int4_packed", {}).items()}}
     # the structure up to (not including) qat, then the quantized tensors take the Linear weights' place
     model = build_model(GPTConfig.from_dict({**config.to_dict(), "converters": config.converters[:-1]}))
-    model.load_state_dict(blob["state_dict"], strict=True, assign=True)
+    model.load_state_dict(sd, strict=True, assign=True)
     model.config = config
     model.requires_grad_(False)
     tok = tokenizer_from_dict(blob["tokenizer"]) if blob.get("tokenizer") else None
@@ -236,7 +306,11 @@ def compare_on(fake: nn.Module, quantized: nn.Module, batches, bytes_per_token: 
 
 
 def convert_and_save(
-    model: nn.Module, out: str | os.PathLike, tokenizer: dict | None, plugins: dict | None = None, batches=None,
+    model: nn.Module,
+    out: str | os.PathLike,
+    tokenizer: dict | None,
+    plugins: dict | None = None,
+    batches=None,
     bytes_per_token: float = 1.0,
 ) -> dict[str, Any]:
     """Convert a (fake-quantized) GPT, write the artifact, and report sizes (and val losses on `batches`)."""
@@ -245,8 +319,7 @@ def convert_and_save(
     report: dict[str, Any] = {"out": str(out), **spec}
     quantized = convert_model(_float_copy(model), **spec)
     report["bytes"] = save_quantized(quantized, out, tokenizer, plugins)
-    set_fake_quant(fake, False)
-    report["fp32_state_dict_bytes"] = state_dict_bytes(fake)
+    report["fp32_state_dict_bytes"] = state_dict_bytes(_plain_copy(model))
     report["compression"] = report["fp32_state_dict_bytes"] / report["bytes"]
     if batches is not None:
         report.update(compare_on(fake, quantized, batches, bytes_per_token))
@@ -254,7 +327,9 @@ def convert_and_save(
     return report
 
 
-def convert_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike | None = None, batches_fn=None) -> dict[str, Any]:
+def convert_checkpoint(
+    ckpt: str | os.PathLike, out: str | os.PathLike | None = None, batches_fn=None
+) -> dict[str, Any]:
     """A microgpt .ckpt trained with qat -> `<ckpt dir>/quantized.pt` (or `out`); returns the report.
 
     batches_fn(tokenizer, block_size) may return val batches to compare the two models on.
@@ -305,6 +380,8 @@ def check_config(cfg) -> None:
             f"plugins.qat cannot run with a strategy that shards the weights ({strategy}): torchao fake "
             "quantization needs whole weight matrices; use strategy=auto, ddp or deepspeed stage 1/2"
         )
+    if cfg.get("init_from"):  # the widths are the base checkpoint's: the converter checks them in prepare
+        return
     # the widths QAT will see: build the model skeleton on the meta device (no memory, no init cost)
     from microgpt.model import GPT
     from microgpt.train import model_config
@@ -322,10 +399,18 @@ class QAT(L.Callback):
     written to `out` (default `<run>/checkpoints/quantized.pt`), with a `.json` report next to it.
     """
 
-    def __init__(self, start_step: int = 0, convert: bool = False, out: str | None = None):
+    def __init__(
+        self,
+        start_step: int = 0,
+        convert: bool = False,
+        out: str | None = None,
+        scheme: str = "8da4w",
+        group_size: int = 32,
+    ):
         self.start_step = int(start_step)
         self.convert = bool(convert)
         self.out = out
+        self.scheme, self.group_size = scheme, int(group_size)
         self.datamodule = None
         self.report: dict[str, Any] | None = None
 
@@ -333,8 +418,14 @@ class QAT(L.Callback):
         return step >= self.start_step
 
     def prepare(self, module, datamodule) -> None:
-        if not fake_quantized_linears(module.model):
-            raise ConfigError("callbacks.qat found no fake-quantized layers; add model.converters.qat (+plugin=qat)")
+        """Before fit. A model from `init_from=` keeps its checkpoint's converters: add qat to it and
+        record the converter in this run's hyperparameters, so its checkpoints rebuild fake quantization."""
+        model = module.model
+        if not fake_quantized_linears(model):
+            qat(model, self.scheme, self.group_size)
+            spec = {"name": "qat", "scheme": self.scheme, "group_size": self.group_size}
+            model.config.converters = [*model.config.converters, spec]
+            module.hparams["model"] = {**module.hparams["model"], "converters": list(model.config.converters)}
         self.datamodule = datamodule
 
     def on_fit_start(self, trainer, pl_module) -> None:
