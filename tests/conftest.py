@@ -23,6 +23,9 @@ def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
     yield cache
 
 
@@ -57,5 +60,7 @@ def run_cli(
     args: list[str], timeout: float = 300, cwd: Path = ROOT, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run `python <args>` in a subprocess with a timeout; returns the completed process (text mode)."""
-    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # one thread per process: tiny models gain nothing from a second one, and multi-process tests
+    # would oversubscribe the cores
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([PY, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)

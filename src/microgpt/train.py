@@ -41,15 +41,24 @@ def _instantiate(node: Any, what: str, **kwargs: Any) -> Any:
         raise ConfigError(f"cannot build {what}: {str(e).splitlines()[0]}; check the `{what}` settings") from None
 
 
+def converter_specs(cfg: DictConfig) -> list[dict[str, Any]]:
+    """`model.converters` {key: {name?, order?, **options}} -> the ordered list GPTConfig records.
+    Plugins add entries; composition order is kept unless an entry sets `order`."""
+    raw = OmegaConf.to_container(cfg.model, resolve=True).get("converters") or {}
+    if isinstance(raw, list):
+        return raw
+    items = [{"name": k, **(v or {})} for k, v in raw.items() if v not in (False, None)]
+    specs = sorted(items, key=lambda s: s.get("order", 0))
+    for s in specs:
+        s.pop("order", None)
+    return specs
+
+
 def model_config(cfg: DictConfig, vocab_size: int) -> GPTConfig:
     """cfg.model (a Hydra node) -> a validated GPTConfig; converters go from {name: opts} to a list."""
     raw = OmegaConf.to_container(cfg.model, resolve=True)
-    converters = raw.pop("converters", None) or {}
-    if isinstance(converters, dict):  # plugins add `model.converters.NAME`; keep composition order unless `order`
-        items = [{"name": k, **(v or {})} for k, v in converters.items() if v not in (False, None)]
-        converters = sorted(items, key=lambda s: s.get("order", 0))
-        for s in converters:
-            s.pop("order", None)
+    raw.pop("converters", None)
+    converters = converter_specs(cfg)
     if raw.get("vocab_size") is None:
         raw["vocab_size"] = vocab_size
     elif raw["vocab_size"] < vocab_size:
@@ -178,8 +187,10 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     dm = _instantiate(cfg.data, "data", tokenizer_obj=tokenizer)
     dm.setup("fit")
     if init_model is not None:
-        # fine-tuning keeps the base model's architecture; only dropout follows this run's config
-        mcfg = GPTConfig.from_dict({**init_model.config.to_dict(), "dropout": cfg.model.dropout})
+        # fine-tuning keeps the base architecture (and its converters); this run may add converters
+        base = init_model.config.to_dict()
+        converters = base["converters"] + [c for c in converter_specs(cfg) if c not in base["converters"]]
+        mcfg = GPTConfig.from_dict({**base, "dropout": cfg.model.dropout, "converters": converters})
     else:
         mcfg = model_config(cfg, dm.vocab_size)
     if mcfg.block_size < dm.block_size:
@@ -201,7 +212,12 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         plugins=plugin_origin(mods),
     )
     if init_model is not None:
-        module.model.load_state_dict(init_model.state_dict())
+        # converters this run adds (masks, ...) may own new state the base weights don't have
+        missing, unexpected = module.model.load_state_dict(init_model.state_dict(), strict=False)
+        if unexpected or (missing and mcfg.converters == init_model.config.converters):
+            raise CheckpointError(
+                f"init_from={cfg.init_from} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         del init_model
     freeze_layers(module.model, cfg.get("freeze_layers", 0))
     trainer = _instantiate(cfg.trainer, "trainer", callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
