@@ -59,15 +59,21 @@ __all__ = [
     "update_masks_",
 ]
 
-# strategies that shard parameters: a mask needs the whole weight matrix on each rank
-_SHARDED = ("fsdp", "modelparallel", "model_parallel")
 
-
-def _strategy_text(cfg) -> str:
+def _shards_parameters(cfg) -> str | None:
+    """The strategy's name if it shards parameters (a mask needs the whole matrix on every rank)."""
     s = cfg.get("trainer", {}).get("strategy")
     if s is None:
-        return ""
-    return str(OmegaConf.to_container(s, resolve=False) if OmegaConf.is_config(s) else s).lower()
+        return None
+    s = OmegaConf.to_container(s, resolve=False) if OmegaConf.is_config(s) else s
+    name = str(s.get("_target_", "") if isinstance(s, dict) else s).lower()
+    if (
+        "fsdp" in name
+        or "modelparallel" in name
+        or (isinstance(s, dict) and "deepspeed" in name and s.get("stage") == 3)
+    ):
+        return name
+    return None
 
 
 def check_config(cfg) -> None:
@@ -76,7 +82,9 @@ def check_config(cfg) -> None:
     if not 0.0 <= p.sparsity < 1.0:
         raise ConfigError(f"plugins.prune.sparsity must be in [0, 1), got {p.sparsity}")
     if not 0.0 <= p.initial_sparsity <= p.sparsity:
-        raise ConfigError(f"plugins.prune.initial_sparsity must be in [0, sparsity={p.sparsity}], got {p.initial_sparsity}")
+        raise ConfigError(
+            f"plugins.prune.initial_sparsity must be in [0, sparsity={p.sparsity}], got {p.initial_sparsity}"
+        )
     if p.frequency is None or p.frequency < 1:
         raise ConfigError(f"plugins.prune.frequency must be >= 1 step, got {p.frequency}")
     if p.start_step < 0 or (p.end_step is not None and p.end_step <= p.start_step):
@@ -85,12 +93,11 @@ def check_config(cfg) -> None:
         raise ConfigError(f"plugins.prune.scope must be 'layer' or 'global', got {p.scope!r}")
     if p.l1 < 0:
         raise ConfigError(f"plugins.prune.l1 must be >= 0, got {p.l1}")
-    strategy = _strategy_text(cfg)
-    sharded = any(s in strategy for s in _SHARDED) or ("deepspeed" in strategy and "stage': 3" in strategy)
+    sharded = _shards_parameters(cfg)
     if p.sparsity > 0 and sharded:
         raise ConfigError(
-            f"unstructured pruning needs whole weight matrices on every rank, but trainer.strategy shards them "
-            f"({strategy[:60]}); use strategy=auto/ddp (or deepspeed stage 1-2), or plugins.prune.sparsity=0"
+            f"unstructured pruning needs whole weight matrices on every rank, but trainer.strategy ({sharded}) "
+            "shards them; use strategy=auto, ddp or deepspeed (stage 2), or plugins.prune.sparsity=0"
         )
 
 

@@ -138,7 +138,13 @@ def run(argv: list[str]) -> dict[str, Any]:
     info = {"source": str(src), **{k: opts[k] for k in ("heads", "mlp", "layers", "kv_heads", "method")}}
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(prune.pruned_checkpoint(ckpt, model.cpu(), info), out)
-    summary = {"out": str(out), "params_before": before, "params_after": after, "ratio": after / before, "changed": changed}
+    summary = {
+        "out": str(out),
+        "params_before": before,
+        "params_after": after,
+        "ratio": after / before,
+        "changed": changed,
+    }
     print(f"pruned {src} -> {out}: {before:,} -> {after:,} parameters ({after / before:.1%})", flush=True)
     for k, (a, b) in changed.items():
         print(f"  {k}: {a} -> {b}", flush=True)

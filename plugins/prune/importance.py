@@ -35,13 +35,17 @@ def head_mode(cfg, mode: str = "auto") -> str:
     if mode not in ("group", "query"):
         raise ConfigError(f"head_mode must be auto, group or query, got {mode!r}")
     if mode == "query" and cfg.n_kv_head == cfg.n_head:
-        raise ConfigError("head_mode=query removes query heads inside k/v groups, but this model has one query head per k/v head (mha); use group")
+        raise ConfigError(
+            "head_mode=query removes query heads inside k/v groups, but this model has one query head per k/v head (mha); use group"
+        )
     return mode
 
 
 def _check_block(block: nn.Module, structures: Iterable[str]) -> None:
     if "heads" in structures and not (hasattr(block.attn, "qkv") and hasattr(block.attn, "proj")):
-        raise ConfigError(f"head pruning needs the built-in attention (fused qkv + proj), not {type(block.attn).__name__}")
+        raise ConfigError(
+            f"head pruning needs the built-in attention (fused qkv + proj), not {type(block.attn).__name__}"
+        )
     if "mlp" in structures and not (hasattr(block.mlp, "fc") and hasattr(block.mlp, "proj")):
         raise ConfigError(f"neuron pruning needs an MLP with fc (+gate) and proj, not {type(block.mlp).__name__}")
 
@@ -82,7 +86,9 @@ def neuron_sums(t: dict[str, torch.Tensor], output_only: bool = False) -> torch.
 LAYER_OUTPUTS = ("attn.proj.weight", "attn.proj.bias", "mlp.proj.weight", "mlp.proj.bias")
 
 
-def unit_sums(t_per_block: list[dict[str, torch.Tensor]], cfg, structures, mode: str, output_only: bool) -> dict[str, torch.Tensor]:
+def unit_sums(
+    t_per_block: list[dict[str, torch.Tensor]], cfg, structures, mode: str, output_only: bool
+) -> dict[str, torch.Tensor]:
     """{'heads': (n_blocks, n_units), 'mlp': (n_blocks, hidden), 'layers': (n_blocks,)}."""
     out: dict[str, torch.Tensor] = {}
     if "heads" in structures:
@@ -135,7 +141,9 @@ def importance(
         _check_block(b, structures)
     mode = head_mode(model.config, mode) if "heads" in structures else mode
     if method == "magnitude":
-        sq = unit_sums(_per_block(model, lambda p: p.detach().double().cpu() ** 2), model.config, structures, mode, False)
+        sq = unit_sums(
+            _per_block(model, lambda p: p.detach().double().cpu() ** 2), model.config, structures, mode, False
+        )
         return {k: v.sqrt() for k, v in sq.items()}
     if batches is None:
         raise ConfigError(f"importance method {method} needs data batches (magnitude does not)")

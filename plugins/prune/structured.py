@@ -80,7 +80,9 @@ def plan(
     d_layers = n_removed(layers, cfg.n_layer, "layers")
     if d_layers:
         if cfg.n_unique_layers is not None:
-            raise ConfigError("layer pruning of a cross-layer-shared model (n_unique_layers) is not supported; prune heads/mlp only")
+            raise ConfigError(
+                "layer pruning of a cross-layer-shared model (n_unique_layers) is not supported; prune heads/mlp only"
+            )
         keep_layers = _top(scores["layers"], nb - d_layers)
 
     keep_q = {b: list(range(nh)) for b in keep_layers}
@@ -165,7 +167,9 @@ def apply_plan(model: GPT, p: dict[str, Any]) -> GPT:
     try:
         new.load_state_dict(out, strict=True)
     except RuntimeError as e:
-        raise ConfigError(f"cannot prune this model's blocks ({str(e).splitlines()[0]}); unsupported component layout") from None
+        raise ConfigError(
+            f"cannot prune this model's blocks ({str(e).splitlines()[0]}); unsupported component layout"
+        ) from None
     return new
 
 

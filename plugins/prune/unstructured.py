@@ -69,7 +69,14 @@ def add_masks(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, enable
         raise ConfigError(f"prune targets {list(targets)} match no weight matrix; the model has: {have}")
     params = dict(model.named_parameters())
     model.add_module(MASKS_ATTR, MaskSet({n: params[n].shape for n in names}).to(params[names[0]].device))
+    # weights that come from elsewhere (DeepSpeed's fp32 master copy in a consolidated checkpoint, a
+    # hand-edited state_dict) are masked as they load, so a loaded model always honours its masks
+    model.register_load_state_dict_post_hook(_mask_after_load)
     return model
+
+
+def _mask_after_load(module: nn.Module, incompatible_keys) -> None:
+    apply_masks_(module)
 
 
 def get_masks(model: nn.Module) -> MaskSet | None:
@@ -129,7 +136,9 @@ def update_masks_(model: nn.Module, sparsity: float, scope: str = "layer") -> No
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
     pairs = [(name, model.get_parameter(name), m) for name, m in masks.items()]
     # already-pruned weights score -1 (below any |w|): they are the first to be counted as pruned
-    scores = [torch.where(m, p.detach().abs().float(), torch.full_like(p, -1.0, dtype=torch.float32)) for _, p, m in pairs]
+    scores = [
+        torch.where(m, p.detach().abs().float(), torch.full_like(p, -1.0, dtype=torch.float32)) for _, p, m in pairs
+    ]
     if scope == "global":
         flat = torch.cat([s.flatten() for s in scores])
         new = _keep_mask(flat, sparsity)
