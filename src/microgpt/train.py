@@ -176,9 +176,7 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         tokenizer = tokenizer_from_dict(ckpt["hyper_parameters"]["tokenizer"])
 
     init_model = None
-    if cfg.get("init_from"):
-        if ckpt is not None:
-            raise ConfigError("set either init_from (start from weights) or ckpt_path (resume a run), not both")
+    if cfg.get("init_from") and ckpt is None:  # with a checkpoint to resume, that checkpoint wins
         from microgpt import load
 
         init_model, init_tok = load(cfg.init_from)
@@ -186,7 +184,10 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
 
     dm = _instantiate(cfg.data, "data", tokenizer_obj=tokenizer)
     dm.setup("fit")
-    if init_model is not None:
+    if ckpt is not None and cfg.get("init_from"):
+        # resuming a fine-tune: the architecture is the checkpoint's (it may be a pruned base)
+        mcfg = GPTConfig.from_dict(dict(ckpt["hyper_parameters"]["model"]))
+    elif init_model is not None:
         # fine-tuning keeps the base architecture (and its converters); this run may add converters
         base = init_model.config.to_dict()
         converters = base["converters"] + [c for c in converter_specs(cfg) if c not in base["converters"]]
