@@ -33,7 +33,7 @@ def check_config(cfg) -> None:
             "plugins.distill.teacher is not set; train a teacher first (e.g. `python train.py model=mini "
             "hydra.run.dir=runs/teacher`) and pass plugins.distill.teacher=runs/teacher/checkpoints/best.ckpt"
         )
-    if not Path(d.teacher).exists():
+    if not str(d.teacher).startswith("hf:") and not Path(d.teacher).exists():
         raise ConfigError(
             f"teacher checkpoint {d.teacher} does not exist; train one first (`python train.py model=mini`) "
             "and pass its .ckpt as plugins.distill.teacher"

@@ -24,9 +24,12 @@ def is_export_dir(path: str | os.PathLike) -> bool:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A .ckpt file; a run directory (its checkpoints/last.ckpt); or a directory that is itself a model:
-    an exported microgpt directory (microgpt.json) or a local HF GPT-2 directory (config.json)."""
-    from microgpt.hf import is_hf_dir
+    an exported microgpt directory (microgpt.json) or a local HF GPT-2 directory (config.json);
+    `hf:NAME` fetches an HF GPT-2 from the hub (network access needed, or the hub cache)."""
+    from microgpt.hf import HUB_PREFIX, fetch_hub, is_hf_dir
 
+    if isinstance(path, str) and path.startswith(HUB_PREFIX):
+        return fetch_hub(path)
     p = Path(path).expanduser()
     if p.is_dir():
         for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):

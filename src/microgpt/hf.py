@@ -36,6 +36,7 @@ __all__ = [
     "gpt_config_from_hf",
     "hf_config_dict",
     "hf_dir_checkpoint",
+    "fetch_hub",
     "is_hf_dir",
     "load_hf",
     "load_hf_tokenizer",
@@ -75,6 +76,35 @@ _TOP = {
     "ln_f.weight": "norm_f.weight",
     "ln_f.bias": "norm_f.bias",
 }
+
+
+# ---- the hub (optional: needs network access and huggingface_hub) ---------------------------------------
+
+
+HUB_PREFIX = "hf:"
+_HUB_FILES = ["config.json", "*.safetensors", SAFETENSORS_INDEX, "vocab.json", "merges.txt", "tokenizer.json"]
+
+
+def fetch_hub(spec: str) -> Path:
+    """`hf:gpt2` (or `hf:org/name@revision`) -> a local snapshot directory with weights and tokenizer.
+
+    Uses huggingface_hub's cache (offline mode reads only what is cached); never pytorch_model.bin."""
+    name = spec[len(HUB_PREFIX) :]
+    repo, _, revision = name.partition("@")
+    if not repo:
+        raise CheckpointError(f"{spec!r} names no model; use hf:NAME, e.g. init_from=hf:gpt2")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{spec} needs the huggingface_hub package (pip install huggingface_hub)") from None
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=_HUB_FILES))
+    except Exception as e:  # offline, unknown repo, network error: all the same to the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot fetch {spec} from the Hugging Face hub ({type(e).__name__}: {first}); without network "
+            "access download the model elsewhere and pass its local directory"
+        ) from None
 
 
 # ---- reading a directory ------------------------------------------------------------------------------

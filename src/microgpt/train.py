@@ -221,7 +221,11 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
             )
         del init_model
     freeze_layers(module.model, cfg.get("freeze_layers", 0))
-    trainer = _instantiate(cfg.trainer, "trainer", callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
+    loggers = build_loggers(cfg)
+    callbacks = build_callbacks(cfg)
+    if not loggers:  # Lightning refuses an LR monitor with nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         n = module.model.num_params()
         log.info("model: %s parameters (%.2fM)", f"{n:,}", n / 1e6)

@@ -271,7 +271,10 @@ class HFTokenizer(_HFBacked):
         if (p / "tokenizer.json").is_file():
             return cls(HFTok.from_file(str(p / "tokenizer.json")))
         if (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
-            return cls(_byte_level(HFTok(models.BPE.from_file(str(p / "vocab.json"), str(p / "merges.txt")))))
+            tok = _byte_level(HFTok(models.BPE.from_file(str(p / "vocab.json"), str(p / "merges.txt"))))
+            if tok.token_to_id("<|endoftext|>") is not None:  # GPT-2's separator is one token, as in transformers
+                tok.add_special_tokens(["<|endoftext|>"])
+            return cls(tok)
         raise DataError(
             f"tokenizer directory {p} has neither tokenizer.json nor vocab.json + merges.txt; "
             "pass a directory holding those files with data.tokenizer_path=..."
