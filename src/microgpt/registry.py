@@ -8,7 +8,7 @@ readable and a checkpoint rebuilds its model without Hydra. A plugin adds a comp
     @ATTENTION.register("my_attn")
     class MyAttention(nn.Module): ...
 
-and `model.attention.name=my_attn` selects it from the CLI.
+and `model.attention=my_attn` selects it from the CLI.
 """
 
 from __future__ import annotations

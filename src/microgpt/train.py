@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,10 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
             cb.prepare(module, dm)
     if ckpt is not None:
         del ckpt  # the trainer reads it again itself; don't hold two copies
+    old_metrics = out_dir / "metrics.csv"
+    if ckpt_path and old_metrics.is_file() and trainer.is_global_zero:
+        # CSVLogger starts metrics.csv afresh: keep the log of the steps before this resume
+        old_metrics.rename(out_dir / f"metrics.before-{Path(ckpt_path).stem}-{os.getpid()}.csv")
     state["fitting"] = True
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
 

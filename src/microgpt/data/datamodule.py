@@ -318,11 +318,20 @@ class TokenDataModule(L.LightningDataModule):
         # batches already consumed = optimizer steps x micro-batches per step: resume with the next one
         start = self._trainer_attr("global_step", 0) * self._trainer_attr("accumulate_grad_batches", 1)
         ds = self.train_dataset(start=start, rank=self._trainer_attr("global_rank", 0))
-        return DataLoader(ds, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
+        # an explicit generator: otherwise each new iterator draws from torch's global RNG, which is
+        # restored on resume, and dropout after a resume would see a different stream
+        return DataLoader(
+            ds, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available(), generator=torch.Generator()
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.val_dataset(), batch_size=None, shuffle=False, num_workers=0, pin_memory=torch.cuda.is_available()
+            self.val_dataset(),
+            batch_size=None,
+            shuffle=False,
+            num_workers=0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator(),
         )
 
     def full_val_batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
