@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -41,23 +42,25 @@ def _as_id_list(ids: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """Common interface. Subclasses set `name` and `vocab_size` and implement the four methods below."""
 
     name: ClassVar[str] = ""
     vocab_size: int
 
     @classmethod
+    @abstractmethod
     def fit(cls, text: str, vocab_size: int | None = None, path: str | None = None) -> Tokenizer:
         """Build the tokenizer for a corpus (a no-op for fixed vocabularies)."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def from_dict(cls, d: dict[str, Any]) -> Tokenizer:
-        raise NotImplementedError
+        """Rebuild from `to_dict()`'s output."""
 
+    @abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """A JSON-serialisable description that fully rebuilds this tokenizer."""
 
     def encode_array(self, text: str) -> np.ndarray:
         """Encode to a 1-D integer array; the fast path used for whole corpora."""
@@ -66,8 +69,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
 
+    @abstractmethod
     def decode(self, ids: Sequence[int] | Any) -> str:
-        raise NotImplementedError
+        """ids -> text."""
 
     def count_bytes(self, ids: Sequence[int] | Any) -> int:
         """UTF-8 bytes of the text these ids stand for."""
