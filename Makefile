@@ -52,3 +52,9 @@ bench: $(STAMP) ## training throughput vs a plain PyTorch loop (needs ../shared/
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
+
+slurm-up: ## start a local single-node SLURM cluster (as root; apt-installs it once); clients: eval "$(bash scripts/local_slurm.sh env)"
+	bash scripts/local_slurm.sh up
+
+slurm-down: ## stop the local SLURM cluster started by slurm-up (its daemons, by PID)
+	bash scripts/local_slurm.sh down

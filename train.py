@@ -4,6 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from microgpt.cli import CONF_DIR, exit_on_error, quiet_env
+from microgpt.sweep import objective
 from microgpt.train import run
 
 quiet_env()
@@ -13,7 +14,7 @@ quiet_env()
 @exit_on_error
 def main(cfg: DictConfig) -> float:
     # the return value is what Hydra sweepers (optuna) minimise
-    return run(cfg)["val_loss"]
+    return objective(cfg, run(cfg))
 
 
 if __name__ == "__main__":

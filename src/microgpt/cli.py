@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,8 @@ CONF_DIR = Path(os.environ.get("MICROGPT_CONF", Path(__file__).resolve().parents
 def quiet_env() -> None:
     # torchao probes for CUDA kernels it can't use on CPU and says so at import; nothing is wrong
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+    # Lightning warns on every run of a machine where SLURM is installed but this is not a SLURM job
+    warnings.filterwarnings("ignore", message="The `srun` command is available")
 
 
 def exit_on_error(fn: Callable) -> Callable:

@@ -98,9 +98,12 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if p is None:
         return None
     if p == "last":
-        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
+        # the newest of last.ckpt and Lightning's SLURM pre-emption checkpoints (hpc_ckpt_N.ckpt)
+        out = Path(cfg.paths.output_dir)
+        last = out / "checkpoints" / "last.ckpt"
+        found = [c for c in (last, *out.glob("hpc_ckpt_*.ckpt")) if c.is_file()]
+        if found:
+            return str(max(found, key=lambda c: c.stat().st_mtime))
         log.info("ckpt_path=last: no %s yet, starting from scratch", last)
         return None
     if not Path(p).is_file():
