@@ -1,0 +1,515 @@
+"""Compare models for compression: size, quality and speed in one table, a PNG and a JSON.
+
+    python -m microgpt.report teacher=runs/teacher model=runs/student model=runs/distilled/checkpoints/best.ckpt \\
+        model=runs/qat/checkpoints/quantized.pt data=text data.path=../shared/data/tinyshakespeare.txt out=report
+
+For every model: parameters; bytes on disk of the fp32 and bf16 exports (`microgpt.export
+format=safetensors`) and of its quantized artifact (the qat plugin's `quantized.pt` when the run wrote one
+or the model was trained with qat, otherwise `microgpt.export format=int8`); val loss and bits per byte
+on the very same val batches; generation speed (tokens/s, batch 1, greedy, KV cache, on CPU). Prints a
+rich table, writes OUT/report.json and OUT/report.png (size vs val loss, the teacher marked), and prints
+a one-line JSON summary last.
+
+Options (key=value; `model=` may be given several times):
+  model        a model: a .ckpt, a run directory, an exported or HF GPT-2 directory, or a qat artifact (.pt)
+  teacher      the reference model: marked in the plot; the table gives sizes and losses relative to it
+  labels       comma-separated names for the models in the order given (teacher included); default: from paths
+  out          directory for report.json and report.png (default: report)
+  png          false: skip the plot
+  batch_size   val batch size (default 16)
+  max_batches  evaluate this many val batches (default: null = the whole val split)
+  block_size   evaluation context (default: the smallest block_size among the models, so that models with
+               the same tokenizer see identical batches)
+  gen_tokens   tokens generated for the speed measurement (default 128; 0 skips it)
+  device       where val loss is computed (default cpu); speed is always measured on CPU
+  data...      the text, as for train.py: data=text data.path=FILE (default: the text recorded in the
+               first checkpoint)
+A missing or unreadable model is `error: ...` on one line and exit status 2, before anything is computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from microgpt.errors import CheckpointError, ConfigError
+
+OPTIONS: dict[str, Any] = {
+    "labels": None,
+    "out": "report",
+    "png": True,
+    "batch_size": 16,
+    "max_batches": None,
+    "block_size": None,
+    "gen_tokens": 128,
+    "device": "cpu",
+}
+DATA_PREFIXES = ("data", "paths", "seed")
+
+
+@dataclass
+class Entry:
+    """One model to compare: where it is and how it is read."""
+
+    path: str
+    teacher: bool = False
+    label: str = ""
+    artifact: bool = False  # a qat plugin artifact (quantized.pt), not a checkpoint
+    resolved: Path | None = None
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- arguments ----------------------------------------------------------------------------------------
+
+
+def _value(s: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    return {"null": None, "none": None, "true": True, "false": False}.get(s.lower(), s)
+
+
+def parse(argv: list[str]) -> tuple[list[Entry], dict[str, Any], list[str]]:
+    """key=value arguments -> (models in order, options, Hydra overrides for the data)."""
+    entries: list[Entry] = []
+    opts = dict(OPTIONS)
+    overrides: list[str] = []
+    for a in argv:
+        key, eq, val = a.partition("=")
+        if not eq:
+            raise ConfigError(f"arguments are key=value, got {a!r}; see `python -m microgpt.report --help`")
+        if key in ("model", "teacher"):
+            if not val:
+                raise ConfigError(f"{key}= needs a path")
+            if key == "teacher" and any(e.teacher for e in entries):
+                raise ConfigError("teacher= is given twice; mark one model as the teacher")
+            entries.append(Entry(val, teacher=key == "teacher"))
+        elif key in OPTIONS:
+            opts[key] = _value(val) if key != "labels" else val
+        elif key.lstrip("+~").split(".")[0] in DATA_PREFIXES:
+            overrides.append(a)
+        else:
+            raise ConfigError(
+                f"unknown option {key!r}; options: model, teacher, {', '.join(OPTIONS)}, and data.* settings"
+            )
+    if not entries:
+        raise ConfigError("nothing to compare: pass model=PATH (several times) and optionally teacher=PATH")
+    for k in ("batch_size", "gen_tokens"):
+        if not isinstance(opts[k], int) or isinstance(opts[k], bool) or opts[k] < (1 if k == "batch_size" else 0):
+            raise ConfigError(f"{k} must be an integer >= {1 if k == 'batch_size' else 0}, got {opts[k]!r}")
+    for k in ("max_batches", "block_size"):
+        if opts[k] is not None and (not isinstance(opts[k], int) or isinstance(opts[k], bool) or opts[k] < 1):
+            raise ConfigError(f"{k} must be an integer >= 1 or null, got {opts[k]!r}")
+    if opts["labels"]:
+        labels = [s.strip() for s in str(opts["labels"]).split(",")]
+        if len(labels) != len(entries) or not all(labels):
+            raise ConfigError(f"labels= names {len(labels)} models but {len(entries)} are given; one name each")
+        for e, name in zip(entries, labels):
+            e.label = name
+    return entries, opts, overrides
+
+
+def _default_label(p: Path) -> str:
+    if p.parent.name == "checkpoints":  # RUN/checkpoints/last.ckpt -> RUN/last
+        return f"{p.parent.parent.name}/{p.stem}"
+    return p.stem if p.is_file() else p.name
+
+
+def resolve(entries: list[Entry]) -> None:
+    """Check every path before any work (a bad one is a one-line error), and name the models."""
+    from microgpt.checkpoint import resolve_checkpoint
+
+    for e in entries:
+        p = Path(e.path).expanduser()
+        if p.suffix == ".pt":
+            if not p.is_file():
+                raise CheckpointError(f"quantized model {p} does not exist; pass a qat artifact (quantized.pt)")
+            e.artifact, e.resolved = True, p
+        else:
+            e.resolved = resolve_checkpoint(e.path)
+        e.label = e.label or _default_label(p)
+    seen: dict[str, int] = {}
+    for e in entries:  # unique labels: the plot and the JSON key on them
+        n = seen.get(e.label, 0)
+        seen[e.label] = n + 1
+        if n:
+            e.label = f"{e.label} ({n + 1})"
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+
+
+def load_entry(e: Entry) -> tuple[Any, Any, dict[str, Any]]:
+    """(model on CPU in eval mode, tokenizer, checkpoint record: plugins, data, qat artifact beside it)."""
+    from microgpt.checkpoint import model_from_checkpoint, read_checkpoint
+    from microgpt.data.tokenizers import tokenizer_from_dict
+    from microgpt.plugins import load_plugin
+
+    if e.artifact:
+        model, tok = load_plugin("qat").load_quantized(e.resolved)
+        if tok is None:
+            raise CheckpointError(f"{e.resolved} holds no tokenizer; convert a checkpoint written by train.py")
+        return model, tok, {"plugins": {}, "data": {}, "artifact": e.resolved}
+    ck = read_checkpoint(e.resolved)
+    tok_rec = ck["hyper_parameters"].get("tokenizer")
+    if tok_rec is None:
+        raise CheckpointError(f"{e.path} has no tokenizer; it was not written by microgpt's train.py")
+    model = model_from_checkpoint(ck).eval()
+    sibling = Path(e.resolved).parent / "quantized.pt" if Path(e.resolved).is_file() else None
+    has_qat = any(c.get("name") == "qat" for c in model.config.converters)
+    info = {
+        "plugins": dict(ck["hyper_parameters"].get("plugins") or {}),
+        "data": dict(ck.get("TokenDataModule") or {}),
+        "artifact": sibling if has_qat and sibling is not None and sibling.is_file() else None,
+    }
+    return model, tokenizer_from_dict(tok_rec), info
+
+
+# ---- measurements --------------------------------------------------------------------------------------
+
+
+def count_params(model) -> int:
+    """Parameters, each shared tensor (tied head, shared blocks) once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(os.path.getsize(f) for f in d.iterdir() if f.is_file())
+
+
+def _bake(model):
+    """A copy without the masks of unstructured pruning (weights stay zero where pruned)."""
+    model = copy.deepcopy(model)
+    if any(c.get("name") == "prune" for c in model.config.converters):
+        from microgpt.plugins import load_plugin
+
+        model = load_plugin("prune").bake_masks(model)
+    return model
+
+
+def float_sizes(model, tok, plugins: dict[str, Any], tmp: Path) -> dict[str, int]:
+    """Bytes on disk of the fp32 and bf16 exports (`microgpt.export format=safetensors`: weights + microgpt.json)."""
+    from microgpt.export import write_safetensors
+
+    out = {}
+    for dtype, key in (("float32", "fp32_bytes"), ("bfloat16", "bf16_bytes")):
+        d = tmp / dtype
+        d.mkdir()
+        write_safetensors(model, tok, d, plugins, dtype)
+        out[key] = _dir_bytes(d)
+    return out
+
+
+def quantized(model, tok, info: dict[str, Any], tmp: Path) -> tuple[int | None, str | None, Any]:
+    """(bytes on disk, kind, the quantized model as it loads back) of the model's quantized artifact:
+    the qat plugin's quantized.pt when there is one (or converted now for a qat model), otherwise
+    `microgpt.export format=int8` (every Linear and the embedding int8 per row). (None, None, None) when
+    the model's converters have no quantized form."""
+    from microgpt.checkpoint import load
+    from microgpt.export import write_int8
+    from microgpt.plugins import load_plugin
+
+    plugins = info.get("plugins") or {}
+    if info.get("artifact") is not None:
+        qmodel, _ = load_plugin("qat").load_quantized(info["artifact"])
+        return os.path.getsize(info["artifact"]), f"qat {_qat_scheme(qmodel)}", qmodel
+    plain = _bake(model)
+    names = [c.get("name") for c in plain.config.converters]
+    if not names:
+        d = tmp / "int8"
+        d.mkdir()
+        write_int8(plain, tok, d, plugins)
+        return _dir_bytes(d), "int8", load(d)[0]
+    if set(names) == {"qat"} and len(names) == 1:
+        qat = load_plugin("qat")
+        path = tmp / "quantized.pt"
+        r = qat.convert_and_save(plain, path, tok.to_dict(), plugins)
+        return r["bytes"], f"qat {r['scheme']}", qat.load_quantized(path)[0]
+    return None, None, None
+
+
+def _qat_scheme(model) -> str:
+    specs = [c for c in model.config.converters if c.get("name") == "qat"]
+    return str(specs[-1].get("scheme", "")) if specs else ""
+
+
+def measure(model, batches: list, bytes_per_token: float, prompt: torch.Tensor, opts: dict[str, Any]) -> dict:
+    """val loss and bits per byte on `batches` (on opts['device']), then tokens/s on CPU."""
+    from microgpt.evaluate import evaluate_model
+
+    ev = evaluate_model(model.to(torch.device(opts["device"])), batches, bytes_per_token)
+    model.to("cpu")
+    return {
+        "val_loss": ev["val_loss"],
+        "bits_per_byte": ev["bits_per_byte"],
+        "val_tokens": ev["tokens"],
+        "tokens_per_s": tokens_per_second(model, prompt, opts["gen_tokens"]),
+    }
+
+
+def _batches_for(dm, batch_size: int, max_batches: int | None) -> list:
+    return list(itertools.islice(dm.full_val_batches(batch_size), max_batches))
+
+
+@torch.no_grad()
+def tokens_per_second(model, prompt: torch.Tensor, n: int) -> float | None:
+    """Greedy generation of n tokens after `prompt` (1, T) on CPU, KV cache on; one short warm-up first."""
+    if n <= 0:
+        return None
+    model.generate(prompt, min(4, n), temperature=0.0)
+    t0 = time.perf_counter()
+    out = model.generate(prompt, n, temperature=0.0)
+    dt = time.perf_counter() - t0
+    return (out.shape[1] - prompt.shape[1]) / dt
+
+
+# ---- the report ----------------------------------------------------------------------------------------
+
+
+def _data_overrides(overrides: list[str], infos: list[dict[str, Any]]) -> list[str]:
+    if any(o.lstrip("+~").startswith("data") for o in overrides):
+        return overrides
+    for info in infos:  # the text a checkpoint recorded
+        src, path = info["data"].get("source"), info["data"].get("path")
+        if src == "text" and path and Path(path).exists():
+            return [*overrides, "data=text", f"data.path={path}"]
+        if src in ("stdlib", "shakespeare"):
+            return [*overrides, f"data={src}"]
+    raise ConfigError("the models do not record their text; pass data=text data.path=FILE")
+
+
+def _data_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from microgpt.cli import CONF_DIR
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="evaluate", overrides=["ckpt=unused", *overrides])
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(f"bad data setting: {str(e).strip().splitlines()[0]}") from None
+
+
+def build_report(argv: list[str]) -> dict[str, Any]:
+    """Measure every model; returns the report (what report.json holds)."""
+    from microgpt.train import _instantiate
+
+    entries, opts, overrides = parse(argv)
+    resolve(entries)
+    if opts["png"]:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("the plot needs matplotlib (pip install matplotlib), or pass png=false") from None
+    out_dir = Path(str(opts["out"])).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out={out_dir} is a file; pass a directory")
+
+    loaded = [load_entry(e) for e in entries]
+    block = opts["block_size"] or min(m.config.block_size for m, _, _ in loaded)
+    too_long = [
+        e.label
+        for e, (m, _, _) in zip(entries, loaded)
+        if m.config.position == "learned" and block > m.config.block_size
+    ]
+    if too_long:
+        raise ConfigError(f"block_size={block} exceeds the learned positions of {', '.join(too_long)}; lower it")
+    cfg = _data_config(_data_overrides(overrides, [i for _, _, i in loaded]))
+    data_by_tok: dict[str, tuple[list, float, list[int]]] = {}
+    rows = []
+    for e, (model, tok, info) in zip(entries, loaded):
+        key = json.dumps(tok.to_dict(), sort_keys=True)
+        if key not in data_by_tok:
+            dm = _instantiate(cfg.data, "data", tokenizer_obj=tok, block_size=block)
+            dm.setup("validate")
+            batches = _batches_for(dm, opts["batch_size"], opts["max_batches"])
+            data_by_tok[key] = (batches, dm.bytes_per_token, [int(t) for t in dm.val_tokens[: min(16, block)]])
+        batches, bpt, prompt_ids = data_by_tok[key]
+        if model.config.vocab_size < tok.vocab_size:
+            raise ConfigError(f"{e.label}: vocab_size {model.config.vocab_size} < its tokenizer's {tok.vocab_size}")
+        prompt = torch.tensor([prompt_ids], dtype=torch.long)
+        row: dict[str, Any] = {
+            "label": e.label,
+            "path": str(e.resolved),
+            "teacher": e.teacher,
+            "params": count_params(model),
+            "n_layer": model.config.n_layer,
+            "n_embd": model.config.n_embd,
+            "converters": [c.get("name") for c in model.config.converters],
+            "tokenizer": tok.name,
+        }
+        with tempfile.TemporaryDirectory(prefix="microgpt-report-") as tmp:
+            if e.artifact:  # the model *is* the quantized artifact
+                row.update(fp32_bytes=None, bf16_bytes=None, quant_bytes=os.path.getsize(e.resolved))
+                row["quant_kind"], qmodel = f"qat {_qat_scheme(model)}", None
+            else:
+                row.update(float_sizes(model, tok, info["plugins"], Path(tmp)))
+                row["quant_bytes"], row["quant_kind"], qmodel = quantized(model, tok, info, Path(tmp))
+            row.update(measure(model, batches, bpt, prompt, opts))
+            if e.artifact:
+                row.update({f"quant_{k}": row[k] for k in ("val_loss", "bits_per_byte", "tokens_per_s")})
+            elif qmodel is not None:
+                row.update({f"quant_{k}": v for k, v in measure(qmodel, batches, bpt, prompt, opts).items()})
+            else:
+                row.update(quant_val_loss=None, quant_bits_per_byte=None, quant_tokens_per_s=None)
+        del model, qmodel
+        rows.append(row)
+
+    teacher = next((r for r in rows if r["teacher"]), None)
+    for r in rows:  # against the teacher's fp32 export and float val loss
+        ref = teacher is not None and teacher["fp32_bytes"] is not None
+        r["fp32_smaller_than_teacher"] = teacher["fp32_bytes"] / r["fp32_bytes"] if ref and r["fp32_bytes"] else None
+        r["quant_smaller_than_teacher"] = teacher["fp32_bytes"] / r["quant_bytes"] if ref and r["quant_bytes"] else None
+        r["loss_vs_teacher"] = r["val_loss"] / teacher["val_loss"] if ref else None
+        r["quant_loss_vs_teacher"] = r["quant_val_loss"] / teacher["val_loss"] if ref and r["quant_val_loss"] else None
+    data = cfg.data
+    report = {
+        "models": rows,
+        "teacher": teacher["label"] if teacher else None,
+        "data": {"source": data.get("source"), "path": data.get("path"), "block_size": block},
+        "batch_size": opts["batch_size"],
+        "max_batches": opts["max_batches"],
+        "gen_tokens": opts["gen_tokens"],
+        "threads": torch.get_num_threads(),
+        "device": opts["device"],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["json"] = str(out_dir / "report.json")
+    report["png"] = str(out_dir / "report.png") if opts["png"] else None
+    if opts["png"]:
+        plot(report, out_dir / "report.png")
+    Path(report["json"]).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    return report
+
+
+# ---- output ---------------------------------------------------------------------------------------------
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def table(report: dict[str, Any]):
+    """The rich table: float model columns, then its quantized artifact's, then both against the teacher."""
+    from rich.table import Table
+
+    data = report["data"]
+    title = f"compression report: {data.get('path') or data.get('source')} (context {data['block_size']})"
+    caption = (
+        "q = the quantized artifact; x smaller = the teacher's fp32 export / the quantized artifact; "
+        "loss/T = val loss / the teacher's"
+    )
+    t = Table(title=title, caption=caption)
+    cols = ["model", "params", "fp32", "bf16", "val loss", "bpb", "tok/s", "quantized", "q format", "q loss"]
+    cols += ["q tok/s", "x smaller", "loss/T", "q loss/T"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("model", "q format") else "right", no_wrap=col != "model")
+    for r in report["models"]:
+        t.add_row(
+            f"{r['label']} (teacher)" if r["teacher"] else r["label"],
+            f"{r['params']:,}",
+            human_bytes(r["fp32_bytes"]),
+            human_bytes(r["bf16_bytes"]),
+            _fmt(r["val_loss"], ".4f"),
+            _fmt(r["bits_per_byte"], ".3f"),
+            _fmt(r["tokens_per_s"], ".0f"),
+            human_bytes(r["quant_bytes"]),
+            r["quant_kind"] or "-",
+            _fmt(r["quant_val_loss"], ".4f"),
+            _fmt(r["quant_tokens_per_s"], ".0f"),
+            _fmt(r["quant_smaller_than_teacher"], ".1f") + ("x" if r["quant_smaller_than_teacher"] else ""),
+            _fmt(r["loss_vs_teacher"], ".3f"),
+            _fmt(r["quant_loss_vs_teacher"], ".3f"),
+        )
+    return t
+
+
+def print_table(report: dict[str, Any], file=None) -> None:
+    from rich.console import Console
+
+    file = file or sys.stdout
+    width = None if file.isatty() else 160  # a pipe: don't squeeze the table into 80 columns
+    Console(file=file, width=width).print(table(report))
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Bytes on disk (log scale) vs val loss: per model its fp32 export (circle) and its quantized artifact
+    (square), each at its own measured val loss, joined by a line; the teacher in black with a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(report["models"]):
+        color = "black" if r["teacher"] else colors[i % len(colors)]
+        pts = [(r["fp32_bytes"], r["val_loss"], "o"), (r["quant_bytes"], r["quant_val_loss"], "s")]
+        pts = [(x, y, m) for x, y, m in pts if x and y is not None and math.isfinite(y)]
+        if not pts:
+            continue
+        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "-", color=color, alpha=0.5, lw=1)
+        for x, y, m in pts:
+            ax.plot(x, y, m, color=color, ms=7)
+        if r["teacher"]:
+            x, y, _ = pts[0]
+            ax.plot(x, y, "*", color="gold", mec="black", ms=20, zorder=5, label="teacher")
+        x, y, _ = pts[-1]
+        name = f"{r['label']} (teacher)" if r["teacher"] else r["label"]
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8, color=color)
+    ax.plot([], [], "o", color="gray", label="fp32 export")
+    ax.plot([], [], "s", color="gray", label="quantized artifact")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes on disk (log scale)")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title(f"size vs val loss: {report['data'].get('path') or report['data'].get('source')}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    path.write_bytes(buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    from microgpt.cli import exit_on_error, quiet_env
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return None
+    quiet_env()
+    report = exit_on_error(build_report)(argv)
+    print_table(report)
+    print(json.dumps({"json": report["json"], "png": report["png"], "models": len(report["models"])}), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
