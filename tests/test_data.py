@@ -28,9 +28,12 @@ from microgpt.data import sources as sources_mod
 from microgpt.data.tokenizers import _encode_chunks
 from microgpt.errors import CheckpointError, ConfigError, DataError, MicroGPTError, TrainingError
 from microgpt.registry import SOURCE, TOKENIZER, UnknownComponentError
+from tests.conftest import SHAKESPEARE
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
-needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="tiny Shakespeare not on this machine")
+
+def needs_shakespeare(fn):
+    """Core data tests must not skip silently: a missing corpus is a setup error (see conftest)."""
+    return pytest.mark.usefixtures("shakespeare")(fn)
 
 
 @pytest.fixture(scope="module")
