@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,4 +64,14 @@ def run_cli(
     # one thread per process: tiny models gain nothing from a second one, and multi-process tests
     # would oversubscribe the cores
     e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([PY, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    # a session of its own, so a timeout kills every rank it started, not just the direct child
+    p = subprocess.Popen(
+        [PY, *args], cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)

@@ -5,9 +5,15 @@
 `strategy=fsdp` (FSDP2, a torch.distributed.checkpoint "distcp" directory) and `strategy=deepspeed*` (a
 DeepSpeed ZeRO 1/2/3 directory) save each process's shard into a directory named like a file. The result
 here is what a single-process run writes: `hyper_parameters` (model config + tokenizer), `state_dict`
-(`model.`-prefixed fp32 weights), `optimizer_states` (plain torch AdamW format, one tensor per parameter),
-`lr_schedulers`, loops and `global_step`. So `microgpt.load`, generate, evaluate and resume
-(`ckpt_path=`, single process, ddp or fsdp) all accept it, and it loads with torch.load(weights_only=True).
+(`model.`-prefixed fp32 weights), `optimizer_states`, `lr_schedulers`, loops and `global_step`. So
+`microgpt.load`, generate, evaluate and resume (`ckpt_path=`, single process, ddp or fsdp) all accept it,
+and it loads with torch.load(weights_only=True).
+
+The optimizer state is torch's AdamW state with one tensor per parameter, keyed by parameter *name*
+(`model.blocks.0.attn.qkv.weight`) rather than position, as torch.distributed.checkpoint writes it:
+torch.optim's load_state_dict pairs saved keys with parameters through the group order whatever the keys
+are, and Lightning's FSDP loader needs names (it would renumber positions in module.parameters() order,
+which LitGPT's decay/no-decay groups do not follow).
 
 Nothing here needs a process group or the processes that trained: it reads files only.
 """
@@ -50,9 +56,6 @@ _DEEPSPEED_KEYS = {
     "ds_config",
     "ds_version",
 }
-# execution flags of an optimizer, not state: the resuming run's own choice (fused kernels need plain
-# tensors on a supported device, which the resuming strategy decides) must win over the saved one
-_EXECUTION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
 # ---- what kind of checkpoint ------------------------------------------------------------------------
@@ -76,7 +79,9 @@ def _resolve(path: str | Path) -> Path:
     """A sharded checkpoint directory, or a run directory (its checkpoints/last.ckpt)."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"checkpoint {p} does not exist; pass a run's checkpoints/last.ckpt (or the run directory)")
+        raise CheckpointError(
+            f"checkpoint {p} does not exist; pass a run's checkpoints/last.ckpt (or the run directory)"
+        )
     if p.is_dir() and not is_sharded_checkpoint(p):
         for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
             if cand.exists():
@@ -219,7 +224,9 @@ def _merge_zero12(per_rank, param_shapes, world: int, paddings) -> dict[str, tor
             out[name] = full.narrow(0, offset, n).view(shape).clone()
             offset += n + (paddings[gi][pi] if paddings else 0)
         if offset > full.numel():
-            raise CheckpointError(f"DeepSpeed group {gi}: parameters need {offset} values, the shards hold {full.numel()}")
+            raise CheckpointError(
+                f"DeepSpeed group {gi}: parameters need {offset} values, the shards hold {full.numel()}"
+            )
     return out
 
 
@@ -236,7 +243,9 @@ def _merge_zero3(per_rank, param_shapes, world: int) -> dict[str, torch.Tensor]:
             out[name] = torch.cat([f.narrow(0, offset, part) for f in flats])[:n].view(shape).clone()
             offset += part
     if offset != flats[0].numel():
-        raise CheckpointError(f"DeepSpeed ZeRO-3 shards hold {flats[0].numel()} values per rank, parameters need {offset}")
+        raise CheckpointError(
+            f"DeepSpeed ZeRO-3 shards hold {flats[0].numel()} values per rank, parameters need {offset}"
+        )
     return out
 
 
@@ -262,10 +271,6 @@ def consolidate(path: str | Path, trust: bool = False) -> dict[str, Any]:
     if "model" not in hp or "state_dict" not in ckpt:
         raise CheckpointError(f"{p} is not a microgpt checkpoint (no model config); was it written by train.py?")
     ckpt["state_dict"] = OrderedDict((k, v.detach().float().contiguous()) for k, v in ckpt["state_dict"].items())
-    for osd in ckpt.get("optimizer_states", []):
-        for g in osd["param_groups"]:
-            for k in _EXECUTION_FLAGS:
-                g.pop(k, None)
     return ckpt
 
 
@@ -292,7 +297,9 @@ def consolidate_to_file(path: str | Path, out: str | Path, trust: bool = False) 
     try:  # the promise of this file: data only, loadable without executing anything
         torch.load(buf, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"the consolidated checkpoint would not load with weights_only ({_first_line(e)})") from None
+        raise CheckpointError(
+            f"the consolidated checkpoint would not load with weights_only ({_first_line(e)})"
+        ) from None
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

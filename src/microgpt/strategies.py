@@ -133,7 +133,7 @@ def _fully_shard(module, strategy: ModelParallelStrategy) -> None:
     for block in gpt.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(gpt, mesh=mesh)
-    for name, child in module.named_children():
+    for child in module.children():
         if child is gpt or isinstance(child, FSDPModule):
             continue
         if any(p.requires_grad for p in child.parameters()):
@@ -262,3 +262,37 @@ def deepspeed(
     if offload_optimizer and isinstance(strategy.config, dict):
         strategy.config["zero_force_ds_cpu_optimizer"] = False
     return strategy
+
+
+# ---- resuming -------------------------------------------------------------------------------------------
+
+
+def check_resume(ckpt_path: str | os.PathLike | None, strategy: Any) -> None:
+    """Fail before training when a checkpoint cannot be resumed under this strategy, saying what to do.
+
+    Sharded checkpoints resume only under the strategy that wrote them (DeepSpeed directory -> deepspeed*,
+    distcp directory -> fsdp); a single file resumes anywhere except DeepSpeed, which reads only its own
+    directories. `python -m microgpt.consolidate` turns a sharded checkpoint into a single file.
+    """
+    if ckpt_path is None:
+        return
+    from microgpt.consolidate import is_deepspeed_checkpoint, is_distcp_checkpoint
+    from microgpt.errors import CheckpointError
+
+    p = Path(ckpt_path)
+    name = type(strategy).__name__
+    if is_deepspeed_checkpoint(p) and not isinstance(strategy, DeepSpeedStrategy):
+        raise CheckpointError(
+            f"{p} is a DeepSpeed checkpoint; resume it with strategy=deepspeed* (this run uses {name}), or "
+            f"consolidate it first: python -m microgpt.consolidate ckpt={p} out=model.ckpt"
+        )
+    if is_distcp_checkpoint(p) and not isinstance(strategy, ModelParallelStrategy):
+        raise CheckpointError(
+            f"{p} is a sharded FSDP checkpoint; resume it with strategy=fsdp (this run uses {name}), or "
+            f"consolidate it first: python -m microgpt.consolidate ckpt={p} out=model.ckpt"
+        )
+    if p.is_file() and isinstance(strategy, DeepSpeedStrategy):
+        raise CheckpointError(
+            f"DeepSpeed resumes only from its own checkpoint directories, not the single file {p}; resume this "
+            "file with strategy=ddp, strategy=fsdp or one process (strategy=auto)"
+        )

@@ -101,13 +101,18 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         # the newest of last.ckpt and Lightning's SLURM pre-emption checkpoints (hpc_ckpt_N.ckpt)
         out = Path(cfg.paths.output_dir)
         last = out / "checkpoints" / "last.ckpt"
-        found = [c for c in (last, *out.glob("hpc_ckpt_*.ckpt")) if c.is_file()]
+        # last.ckpt is a directory under sharded strategies (fsdp, deepspeed)
+        found = [c for c in (last, *out.glob("hpc_ckpt_*.ckpt")) if c.exists()]
         if found:
             return str(max(found, key=lambda c: c.stat().st_mtime))
         log.info("ckpt_path=last: no %s yet, starting from scratch", last)
         return None
-    if not Path(p).is_file():
-        raise CheckpointError(f"ckpt_path {p} does not exist; pass a .ckpt file or ckpt_path=last")
+    from microgpt.consolidate import is_sharded_checkpoint
+
+    if not (Path(p).is_file() or is_sharded_checkpoint(p)):
+        raise CheckpointError(
+            f"ckpt_path {p} does not exist; pass a .ckpt file, a sharded checkpoint directory or ckpt_path=last"
+        )
     return str(p)
 
 
@@ -172,7 +177,12 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     ckpt_path = resolve_ckpt_path(cfg)
-    ckpt = read_checkpoint(ckpt_path) if ckpt_path else None
+    ckpt = None
+    if ckpt_path is not None:
+        from microgpt.consolidate import is_sharded_checkpoint, read_meta
+
+        # a sharded checkpoint's config and tokenizer, without gathering its weights
+        ckpt = read_meta(ckpt_path) if is_sharded_checkpoint(ckpt_path) else read_checkpoint(ckpt_path)
     tokenizer = None
     if ckpt is not None:
         from microgpt.data.tokenizers import tokenizer_from_dict
@@ -230,6 +240,9 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     if not loggers:  # Lightning refuses an LR monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    from microgpt.strategies import check_resume
+
+    check_resume(ckpt_path, trainer.strategy)
     if trainer.is_global_zero:
         n = module.model.num_params()
         log.info("model: %s parameters (%.2fM)", f"{n:,}", n / 1e6)
