@@ -1,21 +1,25 @@
 """Training throughput: microgpt (Lightning) against a plain PyTorch loop over the same GPT, in one process.
 
     .venv/bin/python bench/throughput.py [--steps N] [--repeats R] [--data PATH]
-        [--precision 32-true bf16-mixed] [--compile [off|on|both]] [--full]
+        [--precision 32-true bf16-mixed] [--compile [off|on|both]] [--runners ...] [--full]
 
-For every configuration (precision x compile) and every repeat, it runs, side by side and interleaved:
-  lightning  `microgpt.train.run(cfg)` on `experiment=shakespeare_baby callbacks=none logger=none`
-  defaults   the same with the experiment's own callbacks and CSV logger (what `train.py` runs)
-  plain      a hand-written loop: same GPT, same init, same AdamW groups (fused like LitGPT's), same
-             grad clip, same batches (`dm.train_dataset().batch(k)`), same autocast / torch.compile
-Throughput = batch * block * steps / time of `steps` optimizer steps after `--warmup` steps (no
-validation inside the window). Medians over the repeats are compared with each other and with nanoGPT's
-CPU reference (../shared/BENCHMARKS.md). A short `train.py` subprocess gives the peak RSS.
+For every configuration (precision x compile), repeated R times and interleaved, it runs:
+  lightning  `microgpt.train.run(cfg)` on `experiment=shakespeare_baby callbacks=none logger=none
+             print_sample=false` (Lightning still adds its default progress bar and checkpoint callback)
+  plain      a hand-written loop: the same GPT and initial weights, AdamW parameter groups (fused like
+             LitGPT's), LR schedule, grad clip, batches (`dm.train_dataset().batch(k)`), autocast/compile
+  paired     the `lightning` run with one `plain` step run inside a callback after every Lightning step:
+             both loops are timed step by step under the same machine load, so their ratio is the least
+             disturbed by other jobs on a shared machine
+  defaults   `run(cfg)` with the experiment's own callbacks and CSV logger (what `train.py` runs)
+Throughput = batch * block * steps / time of `steps` steps after `--warmup` (no validation inside the
+window). Medians over repeats are compared with each other and with nanoGPT's CPU reference
+(../shared/BENCHMARKS.md). A short `train.py` subprocess gives the peak RSS.
 
-`--full` instead runs the whole 2000-step `experiment=shakespeare_baby` through `train.py` in a subprocess
-and reports wall time, peak RSS and val_loss at step 2000 (from metrics.csv).
+`--full` runs the whole 2000-step `experiment=shakespeare_baby` through `train.py` in a subprocess
+instead, and reports wall time, peak RSS and val_loss at step 2000 (from metrics.csv) against nanoGPT.
 
-Results: bench/results/<tag>.json, and bench/results/throughput.md rebuilt from every json there.
+Results: bench/results/<tag>.json; bench/results/throughput.md is rebuilt from every json there.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import logging
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,13 +50,16 @@ CONF = ROOT / "conf"
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 PY = sys.executable
+RUNNERS = ["lightning", "plain", "paired", "defaults"]
 
-# ../shared/BENCHMARKS.md: nanoGPT's "baby GPT" CPU configuration on this machine (2 threads)
+# ../shared/BENCHMARKS.md: nanoGPT's "baby GPT" CPU configuration on this machine (2 threads, quiet)
 NANOGPT = {"tok_s": 20_100.0, "ms_per_iter": 38.2, "val_loss": 1.8857, "wall_s": 85.0, "rss_mb": 370.0}
 TARGET_X = 1.15  # microgpt should reach >= 1.15x nanoGPT's throughput
 OVERHEAD_TARGET = 0.03  # Lightning overhead against the plain loop <= 3%
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+# objects handed to callbacks that Hydra instantiates from `callbacks.<name>._target_` (no constructor args)
+_HANDOFF: dict[str, Any] = {}
 
 
 # ---- configuration -----------------------------------------------------------------------------------
@@ -66,7 +74,9 @@ def compose(overrides: list[str]):
         return hcompose(config_name="train", overrides=overrides)
 
 
-def overrides_for(data: Path, precision: str, compiled: bool, out_dir: str, max_steps: int, defaults: bool) -> list[str]:
+def overrides_for(
+    data: Path, precision: str, compiled: bool, out_dir: str, max_steps: int, defaults: bool
+) -> list[str]:
     ov = [
         "experiment=shakespeare_baby",
         f"data.path={data}",
@@ -84,10 +94,182 @@ def overrides_for(data: Path, precision: str, compiled: bool, out_dir: str, max_
     return ov
 
 
-# ---- the two loops ------------------------------------------------------------------------------------
+def plain_setup(data: Path, precision: str, compiled: bool, total: int, extra: list[str] | None = None):
+    """Config, datamodule and GPTConfig built the way microgpt.train.run builds them."""
+    from hydra.utils import instantiate
+
+    from microgpt.train import model_config
+
+    cfg = compose(overrides_for(data, precision, compiled, tempfile.gettempdir(), total, False) + (extra or []))
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    return cfg, dm, model_config(cfg, dm.vocab_size)
 
 
-def _step_clock_class():
+# ---- machine load ------------------------------------------------------------------------------------
+
+
+class LoadMeter:
+    """CPU used by *other* processes while we run: /proc/stat busy time minus this process's own."""
+
+    def __init__(self) -> None:
+        self.ncpu = os.cpu_count() or 1
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _read(self) -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(v[:8]) - v[3] - v[4]) / self.tick  # everything but idle and iowait
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), busy, ru.ru_utime + ru.ru_stime
+
+    def start(self) -> None:
+        self._s = self._read()
+
+    def others(self) -> float:
+        """Fraction of the machine's CPUs used by other processes since start()."""
+        w, b, own = self._read()
+        w0, b0, own0 = self._s
+        return max(0.0, (b - b0) - (own - own0)) / max(1e-9, (w - w0) * self.ncpu)
+
+    def wait_quiet(self, max_wait: float, threshold: float) -> float:
+        """Sleep in 1 s windows until others use < threshold of the machine, at most max_wait s."""
+        end = time.perf_counter() + max_wait
+        while True:
+            self.start()
+            time.sleep(1.0)
+            x = self.others()
+            if x < threshold or time.perf_counter() >= end:
+                return x
+
+
+# ---- what-if patches (this process only; src/ is not edited) ------------------------------------------
+
+PATCHES = {
+    "gelu-exact": "GeluMLP uses exact GELU (nanoGPT's nn.GELU()) instead of approximate='tanh' (both loops)",
+    "log-nth": "LitGPT.training_step calls self.log only on the steps Lightning writes to the loggers",
+    "fx-setattr": "LitGPT sets Lightning's `_current_fx_name` with object.__setattr__ (twice per hook call)",
+}
+
+
+@contextlib.contextmanager
+def patched(names: list[str]):
+    """Apply the named PATCHES for the duration: to measure a suggested change before anyone makes it."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from microgpt.components.mlp import GeluMLP
+    from microgpt.lit import LitGPT
+
+    saved = []
+
+    def put(cls, name, value):
+        saved.append((cls, name, cls.__dict__.get(name)))
+        setattr(cls, name, value)
+
+    if "gelu-exact" in names:
+
+        def gelu_forward(self, x):
+            return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+        put(GeluMLP, "forward", gelu_forward)
+    if "log-nth" in names:
+        orig = LitGPT.training_step
+
+        def training_step(self, batch, batch_idx: int):
+            if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+                return orig(self, batch, batch_idx)
+            out = self.objective(self, batch)  # the same step without self.log
+            if not torch.isfinite(out["loss"]):
+                return orig(self, batch, batch_idx)  # let the original raise its error
+            return out["loss"]
+
+        put(LitGPT, "training_step", training_step)
+    if "fx-setattr" in names:
+
+        def __setattr__(self, name, value):  # noqa: N807
+            if name == "_current_fx_name":
+                object.__setattr__(self, name, value)
+            else:
+                nn.Module.__setattr__(self, name, value)
+
+        put(LitGPT, "__setattr__", __setattr__)
+    try:
+        yield
+    finally:
+        for cls, name, old in reversed(saved):
+            if old is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, old)
+
+
+# ---- the plain loop ------------------------------------------------------------------------------------
+
+
+class PlainTrainer:
+    """nanoGPT's train.py loop (minus evaluation) over microgpt's GPT, one step at a time."""
+
+    def __init__(self, cfg, dm, mcfg, precision: str, compiled: bool, fused: bool):
+        import torch
+
+        from microgpt.model import build_model
+
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)  # the initial weights of LitGPT's model (run() seeds, then builds)
+            self.model = build_model(mcfg)
+        self.model.train()
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():  # LitGPT.configure_optimizers' groups
+            is_matrix = p.dim() >= 2 and "wte" not in name and "wpe" not in name and "emb" not in name
+            (decay if is_matrix else no_decay).append(p)
+        o = cfg.optimizer
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+        self.groups = [len(decay), len(no_decay)]
+        self.fused = fused
+        self.params = decay + no_decay
+        self.fwd = torch.compile(self.model) if compiled else self.model
+        self.ds = dm.train_dataset()
+        s = cfg.scheduler
+        self.lr, self.min_lr, self.warm, self.decay_steps = o.lr, s.min_lr, s.warmup_steps, s.decay_steps
+        self.clip = cfg.trainer.gradient_clip_val
+        self.bf16 = precision.startswith("bf16")
+        self.tokens_per_step = dm.batch_size * dm.block_size
+        self.loss = math.nan
+
+    def lr_at(self, it: int) -> float:  # linear warmup then cosine to min_lr (microgpt.lit.lr_lambda)
+        if it < self.warm:
+            return self.lr * (it + 1) / (self.warm + 1)
+        if it >= self.decay_steps:
+            return self.min_lr
+        ratio = (it - self.warm) / max(1, self.decay_steps - self.warm)
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (self.lr - self.min_lr)
+
+    def step(self, k: int):
+        import torch
+        import torch.nn.functional as F
+
+        x, y = self.ds.batch(k)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(k)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.fwd(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+
+# ---- timing callbacks (Lightning imported lazily) ------------------------------------------------------
+
+
+def _define_callbacks() -> None:
+    """StepClock and PairedPlain, made importable as <this module>.<name> for Hydra's instantiate."""
     import lightning as L
 
     class StepClock(L.Callback):
@@ -103,120 +285,115 @@ def _step_clock_class():
             if loss is not None:
                 self.loss = float(loss)  # on CPU: no device sync to pay for
 
-    return StepClock
+    class PairedPlain(L.Callback):
+        """After each Lightning step, one plain step on its own model: two step-time series, side by side."""
+
+        def __init__(self) -> None:
+            self.make = _HANDOFF.pop("paired")  # (fused) -> PlainTrainer
+            self.plain = None
+            self.lit_s: list[float] = []
+            self.plain_s: list[float] = []
+            self.loss = self.plain_loss = math.nan
+            self._last = 0.0
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.plain = self.make(bool(trainer.optimizers[0].defaults.get("fused")))
+            self._last = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            t0 = time.perf_counter()
+            self.lit_s.append(t0 - self._last)  # everything Lightning did since the previous plain step
+            loss = self.plain.step(len(self.plain_s))
+            t1 = time.perf_counter()
+            self.plain_s.append(t1 - t0)
+            self._last = t1
+            self.loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+            self.plain_loss = float(loss)
+
+    globals()["StepClock"] = StepClock
+    globals()["PairedPlain"] = PairedPlain
 
 
-def lightning_run(data: Path, precision: str, compiled: bool, warmup: int, steps: int, defaults: bool) -> dict:
-    """microgpt.train.run() on the composed experiment, timed by a callback appended to its callbacks."""
+# ---- runners -------------------------------------------------------------------------------------------
+
+
+def lightning_run(data: Path, precision: str, compiled: bool, warmup: int, steps: int, runner: str, setup=None) -> dict:
+    """microgpt.train.run() on the composed experiment, timed by a callback added to its callbacks."""
     from omegaconf import OmegaConf
 
     from microgpt.train import run
 
+    if "StepClock" not in globals():
+        _define_callbacks()
     total = warmup + steps
     with tempfile.TemporaryDirectory(prefix="bench-lit-") as tmp:
-        cfg = compose(overrides_for(data, precision, compiled, tmp, total, defaults))
+        cfg = compose(overrides_for(data, precision, compiled, tmp, total, runner == "defaults"))
         OmegaConf.set_struct(cfg, False)
-        cfg.callbacks["bench_clock"] = {"_target_": f"{__name__}.StepClock"}
+        name = "PairedPlain" if runner == "paired" else "StepClock"
+        if runner == "paired":
+            c, dm, mcfg = setup
+            _HANDOFF["paired"] = lambda fused: PlainTrainer(c, dm, mcfg, precision, compiled, fused)  # noqa: E731
+        cfg.callbacks["bench_clock"] = {"_target_": f"{__name__}.{name}"}
         with contextlib.redirect_stdout(io.StringIO()):
             res = run(cfg)
         trainer = res["trainer"]
-        clock = next(c for c in trainer.callbacks if type(c).__name__ == "StepClock")
+        cb = next(c for c in trainer.callbacks if type(c).__name__ == name)
         opt = trainer.optimizers[0]
-        if len(clock.t) != total:
-            raise RuntimeError(f"expected {total} timed steps, got {len(clock.t)}")
         dm = trainer.datamodule
-        return {
-            "seconds": clock.t[-1] - clock.t[warmup - 1],
-            "step_s": [b - a for a, b in zip(clock.t[warmup - 1 : -1], clock.t[warmup:])],
+        out = {
             "tokens": steps * dm.batch_size * dm.block_size,
-            "final_loss": clock.loss,
+            "final_loss": cb.loss,
             "fused": bool(opt.defaults.get("fused")),
             "groups": [len(g["params"]) for g in opt.param_groups],
             "threads": __import__("torch").get_num_threads(),
         }
+        if runner == "paired":
+            if len(cb.lit_s) != total:
+                raise RuntimeError(f"expected {total} timed steps, got {len(cb.lit_s)}")
+            out["step_s"] = cb.lit_s[warmup:]
+            out["plain_step_s"] = cb.plain_s[warmup:]
+            out["seconds"] = sum(out["step_s"])
+            out["plain_final_loss"] = cb.plain_loss
+        else:
+            if len(cb.t) != total:
+                raise RuntimeError(f"expected {total} timed steps, got {len(cb.t)}")
+            out["step_s"] = [b - a for a, b in zip(cb.t[warmup - 1 : -1], cb.t[warmup:])]
+            out["seconds"] = cb.t[-1] - cb.t[warmup - 1]
+        return out
 
 
-def plain_run(cfg, dm, mcfg, precision: str, compiled: bool, fused: bool, warmup: int, steps: int) -> dict:
-    """The same training written out by hand (nanoGPT's train.py loop, minus evaluation)."""
-    import torch
-    import torch.nn.functional as F
-
-    from microgpt.model import build_model
-
-    torch.manual_seed(cfg.seed)  # the same initial weights as LitGPT's model (run() seeds, then builds)
-    model = build_model(mcfg)
-    model.train()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        is_matrix = p.dim() >= 2 and "wte" not in name and "wpe" not in name and "emb" not in name
-        (decay if is_matrix else no_decay).append(p)
-    o = cfg.optimizer
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
-    params = decay + no_decay
-    fwd = torch.compile(model) if compiled else model
-    ds = dm.train_dataset()
-    s = cfg.scheduler
-    lr, min_lr, warm, decay_steps = o.lr, s.min_lr, s.warmup_steps, s.decay_steps
-    clip = cfg.trainer.gradient_clip_val
-    autocast = precision.startswith("bf16")
-
-    def lr_at(it: int) -> float:  # linear warmup then cosine, as microgpt.lit.lr_lambda
-        if it < warm:
-            return lr * (it + 1) / (warm + 1)
-        if it >= decay_steps:
-            return min_lr
-        ratio = (it - warm) / max(1, decay_steps - warm)
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
+def plain_run(setup, precision: str, compiled: bool, fused: bool, warmup: int, steps: int) -> dict:
+    cfg, dm, mcfg = setup
+    pt = PlainTrainer(cfg, dm, mcfg, precision, compiled, fused)
     t = []
     loss = None
     for k in range(warmup + steps):
-        x, y = ds.batch(k)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(k)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = fwd(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = pt.step(k)
         t.append(time.perf_counter())
     return {
         "seconds": t[-1] - t[warmup - 1],
         "step_s": [b - a for a, b in zip(t[warmup - 1 : -1], t[warmup:])],
-        "tokens": steps * dm.batch_size * dm.block_size,
+        "tokens": steps * pt.tokens_per_step,
         "final_loss": float(loss),
         "fused": fused,
-        "groups": [len(decay), len(no_decay)],
-        "threads": torch.get_num_threads(),
+        "groups": pt.groups,
+        "threads": __import__("torch").get_num_threads(),
     }
-
-
-def plain_setup(data: Path, precision: str, compiled: bool, total: int):
-    """Config, datamodule and GPTConfig built the way microgpt.train.run builds them."""
-    from hydra.utils import instantiate
-
-    from microgpt.train import model_config
-
-    cfg = compose(overrides_for(data, precision, compiled, tempfile.gettempdir(), total, False))
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    return cfg, dm, model_config(cfg, dm.vocab_size)
 
 
 # ---- subprocess runs (peak RSS, --full) -------------------------------------------------------------------
 
 
-def train_subprocess(args: list[str], timeout: float) -> dict:
-    """Run train.py with args; wall time, time to the `model:` line (startup), peak RSS via wait4."""
+def train_subprocess(args: list[str], timeout: float, patches: list[str] | None = None) -> dict:
+    """Run train.py with args: wall time, time to its `model:` line (startup), peak RSS from wait4."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    script = [str(ROOT / "train.py")]
+    if patches:
+        script = [str(Path(__file__).resolve()), "--train-patched", ",".join(patches)]
+    meter = LoadMeter()
+    meter.start()
     t0 = time.perf_counter()
-    p = subprocess.Popen(
-        [PY, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    p = subprocess.Popen([PY, *script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list[str] = []
     marks: dict[str, float] = {}
 
@@ -231,7 +408,7 @@ def train_subprocess(args: list[str], timeout: float) -> dict:
     reader.start()
     deadline = t0 + timeout
     while True:
-        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)  # rusage of this child alone
         if pid:
             break
         if time.perf_counter() > deadline:
@@ -242,21 +419,22 @@ def train_subprocess(args: list[str], timeout: float) -> dict:
     wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     reader.join(timeout=5)
+    with open("/proc/stat") as f:  # others = machine busy time minus the child's CPU time
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = (sum(v[:8]) - v[3] - v[4]) / meter.tick - meter._s[1]
+    others = max(0.0, busy - ru.ru_utime - ru.ru_stime) / (wall * meter.ncpu)
     return {
         "rc": p.returncode,
         "wall_s": wall,
         "startup_s": marks["model"] - t0 if "model" in marks else math.nan,
+        "cpu_s": ru.ru_utime + ru.ru_stime,
         "peak_rss_mb": ru.ru_maxrss / 1024,  # Linux: KiB
+        "others_cpu": others,
         "tail": "".join(lines[-15:]),
     }
 
 
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def full_run(data: Path, precision: str, compiled: bool, timeout: float) -> dict:
+def full_run(data: Path, precision: str, compiled: bool, timeout: float, patches: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp:
         args = [
             "experiment=shakespeare_baby",
@@ -266,10 +444,12 @@ def full_run(data: Path, precision: str, compiled: bool, timeout: float) -> dict
             "print_sample=false",
             f"hydra.run.dir={tmp}",
         ]
-        r = train_subprocess(args, timeout)
-        rows = read_metrics(Path(tmp) / "metrics.csv") if (Path(tmp) / "metrics.csv").is_file() else []
+        r = train_subprocess(args, timeout, patches)
+        f = Path(tmp) / "metrics.csv"
+        rows = list(csv.DictReader(f.open(newline=""))) if f.is_file() else []
     vals = [(int(row["step"]), float(row["val_loss"])) for row in rows if row.get("val_loss")]
-    r["command"] = " ".join([".venv/bin/python", "train.py", *args[:-1], "hydra.run.dir=<tmp>"])
+    launcher = ["bench/throughput.py", "--train-patched", ",".join(patches)] if patches else ["train.py"]
+    r["command"] = " ".join([".venv/bin/python", *launcher, *args[:-1], "hydra.run.dir=<tmp>"])
     r["val_curve"] = vals
     r["val_step"], r["val_loss"] = vals[-1] if vals else (None, math.nan)
     r["best_val_loss"] = min((v for _, v in vals), default=math.nan)
@@ -308,74 +488,189 @@ def config_tag(precision: str, compiled: bool) -> str:
     return ("fp32" if precision == "32-true" else precision) + ("+compile" if compiled else "")
 
 
-def rebuild_markdown() -> Path:
-    """bench/results/throughput.md from every bench/results/*.json."""
-    docs = []
-    for f in sorted(RESULTS.glob("*.json")):
-        try:
-            docs.append(json.loads(f.read_text()))
-        except ValueError:
-            continue
-    lines = [
-        "# Training throughput: microgpt vs a plain PyTorch loop vs nanoGPT",
-        "",
-        "Written by `bench/throughput.py` (see bench/README.md). nanoGPT reference (../shared/BENCHMARKS.md, "
-        f"same machine type, quiet): {NANOGPT['tok_s'] / 1000:.1f}k tok/s, {NANOGPT['ms_per_iter']} ms/iter, val "
-        f"{NANOGPT['val_loss']} at 2000 iters in {NANOGPT['wall_s']:.0f} s, {NANOGPT['rss_mb']:.0f} MB. Target: "
-        f">= {TARGET_X}x nanoGPT = {TARGET_X * NANOGPT['tok_s'] / 1000:.1f}k tok/s; Lightning overhead <= "
-        f"{OVERHEAD_TARGET:.0%}.",
-        "",
-    ]
-    for d in sorted(docs, key=lambda d: (d["kind"] != "throughput", d["date"])):
-        lines += [f"## {d['title']}", "", f"- command: `{d['command']}`", f"- date: {d['date']}"]
-        m = d["machine"]
-        lines.append(
-            f"- machine: nproc {m['nproc']} ({m['cpu']}), torch {m['torch']}, lightning {m['lightning']}, "
-            f"python {m['python']}, torch threads {m['torch_threads']}, load average at start "
-            f"{', '.join(f'{x:.2f}' for x in m['loadavg_start'])}"
-        )
-        lines += ["", *d["table_md"], ""]
-        lines += [f"{n}" for n in d.get("notes", [])]
-        lines.append("")
-    path = RESULTS / "throughput.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
-    return path
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+def table(title: str, header: list[str], rows: list[list[str]], left: int = 2) -> list[str]:
     """Print a rich table; return the same table as markdown lines."""
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=title)
     for i, h in enumerate(header):
-        t.add_column(h, justify="left" if i == 0 else "right")
+        t.add_column(h, justify="left" if i < left else "right")
     for r in rows:
         t.add_row(*r)
-    Console().print(t)
-    md = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    Console(width=200).print(t)
+    md = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < left else "---:" for i in range(len(header))) + "|",
+    ]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     return md
+
+
+def rebuild_markdown() -> Path:
+    """bench/results/throughput.md from every bench/results/*.json written by this script."""
+    docs = []
+    for f in sorted(RESULTS.glob("*.json")):
+        try:
+            d = json.loads(f.read_text())
+        except ValueError:
+            continue
+        if isinstance(d, dict) and d.get("kind") in ("throughput", "full"):
+            docs.append(d)
+    lines = [
+        "# Training throughput: microgpt vs a plain PyTorch loop vs nanoGPT",
+        "",
+        "Written by `bench/throughput.py` (see bench/README.md); do not edit by hand. nanoGPT reference "
+        f"(../shared/BENCHMARKS.md, this machine type, quiet): {NANOGPT['tok_s'] / 1000:.1f}k tok/s = "
+        f"{NANOGPT['ms_per_iter']} ms/iter, val {NANOGPT['val_loss']} at 2000 iters in {NANOGPT['wall_s']:.0f} s, "
+        f"{NANOGPT['rss_mb']:.0f} MB. Targets: >= {TARGET_X}x nanoGPT = {TARGET_X * NANOGPT['tok_s'] / 1000:.1f}k "
+        f"tok/s with val <= {NANOGPT['val_loss']}; Lightning overhead <= {OVERHEAD_TARGET:.0%} of the plain loop.",
+        "",
+    ]
+    for d in sorted(docs, key=lambda d: (d["kind"] != "throughput", d["date"])):
+        m = d["machine"]
+        lines += [f"## {d['title']}", "", f"- command: `{d['command']}`", f"- date: {d['date']}"]
+        lines.append(
+            f"- machine: nproc {m['nproc']} ({m['cpu']}), torch {m['torch']}, lightning {m['lightning']}, "
+            f"python {m['python']}, torch threads {m['torch_threads']}, load average at start "
+            f"{', '.join(f'{x:.2f}' for x in m['loadavg_start'])}"
+        )
+        lines += ["", *d["table_md"], "", *d.get("notes", []), ""]
+    path = RESULTS / "throughput.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def write(tag: str, doc: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    f = RESULTS / f"{tag.replace('+', '-').replace('/', '-')}.json"
+    f.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(f"wrote {f.relative_to(ROOT)} and {rebuild_markdown().relative_to(ROOT)}")
+
+
+def _med_step_tok(tokens_per_step: float, step_s: list[float]) -> float:
+    return tokens_per_step / statistics.median(step_s)
+
+
+def _f3(v: float) -> str:
+    return f"{v:.3f}" if math.isfinite(v) else "-"
+
+
+def summarize(a, configs, runs) -> tuple[list[str], list[list[str]], dict]:
+    header = [
+        "config",
+        "runner",
+        "tok/s",
+        "ms/iter",
+        "runs (k tok/s)",
+        "vs plain",
+        "tok/s, median step",
+        "vs plain, median step",
+        "vs nanoGPT (tok/s, median step)",
+        "others' CPU",
+        "loss@end",
+    ]
+    rows, summary = [], {}
+    for pc in configs:
+        tag = config_tag(*pc)
+        series: dict[str, list[dict]] = {}
+        for r in a.runners:
+            rs = runs[(pc, r)]
+            if r == "paired":  # two series out of one run
+                series["paired: lightning"] = rs
+                series["paired: plain"] = [
+                    {
+                        **x,
+                        "step_s": x["plain_step_s"],
+                        "seconds": sum(x["plain_step_s"]),
+                        "final_loss": x["plain_final_loss"],
+                    }
+                    for x in rs
+                ]
+            else:
+                series[r] = rs
+        for name, rs in series.items():
+            tps = rs[0]["tokens"] / a.steps
+            tok = [x["tokens"] / x["seconds"] for x in rs]
+            step_tok = [_med_step_tok(tps, x["step_s"]) for x in rs]
+            med, med_step = statistics.median(tok), statistics.median(step_tok)
+            ref = "paired: plain" if name == "paired: lightning" else "plain" if name != "paired: plain" else None
+            vs = vs_step = math.nan
+            if ref in series and name != ref:  # per repeat: run / its plain counterpart, then the median
+                p_tok = [x["tokens"] / x["seconds"] for x in series[ref]]
+                p_step = [_med_step_tok(tps, x["step_s"]) for x in series[ref]]
+                vs = statistics.median(u / v for u, v in zip(tok, p_tok))
+                vs_step = statistics.median(u / v for u, v in zip(step_tok, p_step))
+            others = [x.get("others_cpu", math.nan) for x in rs]
+            summary[f"{tag}/{name}"] = {
+                "tok_s": tok,
+                "median_tok_s": med,
+                "ms_per_iter": 1000 * tps / med,
+                "median_step_tok_s": step_tok,
+                "median_of_median_step_tok_s": med_step,
+                "vs_plain": vs,
+                "vs_plain_median_step": vs_step,
+                "vs_nanogpt": med / NANOGPT["tok_s"],
+                "vs_nanogpt_median_step": med_step / NANOGPT["tok_s"],
+                "others_cpu": others,
+                "final_loss": [x["final_loss"] for x in rs],
+                "fused_adamw": rs[0]["fused"],
+                "param_groups": rs[0]["groups"],
+                "threads": rs[0]["threads"],
+            }
+            rows.append(
+                [
+                    tag,
+                    name,
+                    f"{med:,.0f}",
+                    f"{1000 * tps / med:.1f}",
+                    " ".join(f"{x / 1000:.1f}" for x in tok),
+                    _f3(vs),
+                    f"{med_step:,.0f}",
+                    _f3(vs_step),
+                    f"{med / NANOGPT['tok_s']:.3f} / {med_step / NANOGPT['tok_s']:.3f}",
+                    f"{100 * statistics.median(others):.0f}%",
+                    f"{rs[-1]['final_loss']:.4f}",
+                ]
+            )
+    return header, rows, summary
 
 
 # ---- main ---------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=200, help="timed optimizer steps per run (default 200)")
     ap.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats per runner (default 5)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every runner (default 3)")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("BENCH_DATA", DEFAULT_DATA)))
     ap.add_argument("--precision", nargs="+", default=["32-true"], choices=["32-true", "bf16-mixed"])
     ap.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"])
-    ap.add_argument("--runners", nargs="+", default=["lightning", "plain", "defaults"],
-                    choices=["lightning", "plain", "defaults"], help="which loops to time (default all three)")
+    ap.add_argument("--runners", nargs="+", default=RUNNERS, choices=RUNNERS, help="loops to time (default all)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2: the machine's cores)")
+    ap.add_argument(
+        "--patch",
+        nargs="+",
+        default=[],
+        choices=list(PATCHES),
+        help="measure a suggested change to src/ by patching it in this process: "
+        + "; ".join(f"{k}: {v}" for k, v in PATCHES.items()),
+    )
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each run wait up to S seconds for other processes to use < --quiet of the CPUs",
+    )
+    ap.add_argument("--quiet", type=float, default=0.15, help="threshold for --wait-quiet (fraction of all CPUs)")
     ap.add_argument("--no-rss", action="store_true", help="skip the train.py subprocess that measures peak RSS")
     ap.add_argument("--rss-steps", type=int, default=260, help="steps of that subprocess (260: one val + checkpoint)")
     ap.add_argument("--full", action="store_true", help="run the whole 2000-step experiment via train.py instead")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds allowed to a train.py subprocess")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed to a train.py subprocess")
     ap.add_argument("--tag", default=None, help="results file name (default: from the configuration)")
     ap.add_argument("--no-write", action="store_true", help="print only; write nothing under bench/results")
     a = ap.parse_args(argv)
@@ -397,27 +692,9 @@ def command_line() -> str:
     return " ".join([".venv/bin/python", "bench/throughput.py", *sys.argv[1:]])
 
 
-def fmt_k(x: float) -> str:
-    return f"{x / 1000:.2f}k" if math.isfinite(x) else "-"
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    import torch
-
-    torch.set_num_threads(a.threads)
-    quiet()
-    sys.modules.setdefault(__name__, sys.modules[__name__])
-    globals()["StepClock"] = _step_clock_class()  # importable as __main__.StepClock by hydra's instantiate
-    date = dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    mach = machine()
-    compiles = {"off": [False], "on": [True], "both": [False, True]}[a.compile]
-    configs = [(p, c) for p in a.precision for c in compiles]
-    tag = a.tag or ("full-" if a.full else "throughput-") + "_".join(config_tag(p, c) for p, c in configs)
-
-    if a.full:
-        return run_full(a, configs, tag, date, mach)
-
+def measure(a, configs) -> dict[tuple, list[dict]]:
+    """Every runner of every configuration, `a.repeats` times, interleaved."""
+    meter = LoadMeter()
     total = a.warmup + a.steps
     setups = {pc: plain_setup(a.data, pc[0], pc[1], total) for pc in configs}
     runs: dict[tuple, list[dict]] = {(pc, r): [] for pc in configs for r in a.runners}
@@ -425,22 +702,66 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(a.repeats):
         for pc in configs:
             for r in a.runners:
+                quiet_before = meter.wait_quiet(a.wait_quiet, a.quiet) if a.wait_quiet > 0 else math.nan
+                meter.start()
                 t0 = time.perf_counter()
                 if r == "plain":
-                    cfg, dm, mcfg = setups[pc]
-                    if pc not in fused:  # ask LitGPT once what it does
-                        fused[pc] = lightning_run(a.data, pc[0], pc[1], 1, 1, False)["fused"]
-                    res = plain_run(cfg, dm, mcfg, pc[0], pc[1], fused[pc], a.warmup, a.steps)
+                    if pc not in fused:  # ask LitGPT once whether it fuses AdamW here
+                        fused[pc] = lightning_run(a.data, pc[0], pc[1], 1, 1, "lightning")["fused"]
+                        meter.start()
+                    res = plain_run(setups[pc], pc[0], pc[1], fused[pc], a.warmup, a.steps)
                 else:
-                    res = lightning_run(a.data, pc[0], pc[1], a.warmup, a.steps, r == "defaults")
+                    res = lightning_run(a.data, pc[0], pc[1], a.warmup, a.steps, r, setups[pc])
                     fused.setdefault(pc, res["fused"])
-                res["loadavg"] = os.getloadavg()[0]
+                res["others_cpu"] = meter.others()
+                res["others_cpu_before"] = quiet_before
                 runs[(pc, r)].append(res)
+                extra = ""
+                if r == "paired":
+                    plain_tok = res["tokens"] / sum(res["plain_step_s"])
+                    extra = f" | plain {plain_tok:,.0f} tok/s loss {res['plain_final_loss']:.4f}"
                 print(
-                    f"[{rep + 1}/{a.repeats}] {config_tag(*pc):<18} {r:<9} {res['tokens'] / res['seconds']:>9,.0f} tok/s"
-                    f"  loss {res['final_loss']:.4f}  ({time.perf_counter() - t0:.1f} s)",
+                    f"[{rep + 1}/{a.repeats}] {config_tag(*pc):<14} {r:<9} {res['tokens'] / res['seconds']:>8,.0f} tok/s"
+                    f" loss {res['final_loss']:.4f}{extra}  others {100 * res['others_cpu']:.0f}%"
+                    f"  ({time.perf_counter() - t0:.1f} s)",
                     flush=True,
                 )
+    return runs
+
+
+def train_patched(argv: list[str]) -> None:
+    """`throughput.py --train-patched P1,P2 <train.py args>`: train.py with PATCHES applied (for --full --patch)."""
+    import runpy
+
+    names = [n for n in argv[0].split(",") if n]
+    sys.argv = [str(ROOT / "train.py"), *argv[1:]]
+    with patched(names):
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--train-patched"]:
+        train_patched(argv[1:])
+        return 0
+    a = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import lightning  # noqa: F401  (before quiet(): importing it resets its loggers' levels)
+
+    quiet()
+    date = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    mach = machine()
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[a.compile]
+    configs = [(p, c) for p in a.precision for c in compiles]
+    tag = a.tag or ("full-" if a.full else "throughput-") + "_".join(config_tag(p, c) for p, c in configs)
+    if a.patch:
+        tag += "_patch-" + "-".join(a.patch)
+    if a.full:
+        return run_full(a, configs, tag, date, mach)
+    with patched(a.patch):
+        runs = measure(a, configs)
 
     rss = None
     if not a.no_rss:
@@ -455,105 +776,60 @@ def main(argv: list[str] | None = None) -> int:
                 "print_sample=false",
                 f"hydra.run.dir={tmp}",
             ]
-            rss = train_subprocess(rss_args, a.timeout)
+            rss = train_subprocess(rss_args, a.timeout, a.patch)
             rss["command"] = " ".join(["train.py", *rss_args[:-1]])
             if rss["rc"] != 0:
                 print(rss["tail"], file=sys.stderr)
 
-    header = [
-        "config",
-        "runner",
-        "tok/s",
-        "ms/iter",
-        "runs (k tok/s)",
-        "vs plain",
-        "tok/s (median step)",
-        "vs plain (median step)",
-        "vs nanoGPT",
-        "loss@end",
-    ]
-    rows, summary = [], {}
-    for pc in configs:
-        tag_pc = config_tag(*pc)
-        plain = runs.get((pc, "plain"))
-        for r in a.runners:
-            rs = runs[(pc, r)]
-            tok = [x["tokens"] / x["seconds"] for x in rs]
-            step_tok = [x["tokens"] / len(x["step_s"]) / statistics.median(x["step_s"]) for x in rs]
-            med, med_step = statistics.median(tok), statistics.median(step_tok)
-            vs_plain = vs_plain_step = math.nan
-            if plain:  # paired: each run against the plain run of the same repeat, then the median
-                p_tok = [x["tokens"] / x["seconds"] for x in plain]
-                p_step = [x["tokens"] / len(x["step_s"]) / statistics.median(x["step_s"]) for x in plain]
-                vs_plain = statistics.median(u / v for u, v in zip(tok, p_tok))
-                vs_plain_step = statistics.median(u / v for u, v in zip(step_tok, p_step))
-            ms = 1000 * rs[0]["tokens"] / a.steps / med
-            summary[f"{tag_pc}/{r}"] = {
-                "tok_s": tok,
-                "median_tok_s": med,
-                "ms_per_iter": ms,
-                "median_step_tok_s": step_tok,
-                "median_of_median_step_tok_s": med_step,
-                "vs_plain": vs_plain,
-                "vs_plain_median_step": vs_plain_step,
-                "vs_nanogpt": med / NANOGPT["tok_s"],
-                "vs_nanogpt_median_step": med_step / NANOGPT["tok_s"],
-                "final_loss": [x["final_loss"] for x in rs],
-                "fused_adamw": rs[0]["fused"],
-                "param_groups": rs[0]["groups"],
-                "threads": rs[0]["threads"],
-                "loadavg": [x.get("loadavg") for x in rs],
-            }
-            f3 = lambda v: f"{v:.3f}" if math.isfinite(v) else "-"  # noqa: E731
-            rows.append(
-                [
-                    tag_pc,
-                    r,
-                    f"{med:,.0f}",
-                    f"{ms:.1f}",
-                    " ".join(f"{x / 1000:.1f}" for x in tok),
-                    f3(vs_plain),
-                    f"{med_step:,.0f}",
-                    f3(vs_plain_step),
-                    f"{med / NANOGPT['tok_s']:.3f} / {med_step / NANOGPT['tok_s']:.3f}",
-                    f"{rs[-1]['final_loss']:.4f}",
-                ]
-            )
-    title = f"microgpt training throughput ({a.steps} steps after {a.warmup} warm-up, median of {a.repeats})"
+    header, rows, summary = summarize(a, configs, runs)
+    title = (
+        f"microgpt training throughput: {a.steps} steps after {a.warmup} warm-up, median of {a.repeats}, "
+        f"{a.threads} threads" + (f", patched: {', '.join(a.patch)}" if a.patch else "")
+    )
     md = table(title, header, rows)
     notes = [
-        "- runners: `lightning` = `microgpt.train.run` with `callbacks=none logger=none`; `defaults` = the "
-        "experiment's own callbacks (RichProgressBar, LearningRateMonitor, ModelCheckpoint) and CSV logger; `plain` "
-        "= hand-written loop over the same GPT, batches, AdamW groups and grad clip. Runs interleaved in one process.",
-        "- tok/s = tokens of the timed window / its time, median over repeats; `median step` = tokens per step / "
-        "the run's median step time (robust to other jobs on a shared machine; nanoGPT's reference is a median "
-        "step too). vs plain = median over repeats of (run / plain run of the same repeat): Lightning overhead = "
-        f"1 - that. vs nanoGPT = tok/s (window / median step) over {NANOGPT['tok_s']:,.0f} (target >= {TARGET_X}).",
+        "- runners: `lightning` = `microgpt.train.run` with `callbacks=none logger=none`; `plain` = hand-written "
+        "loop over the same GPT, initial weights, batches, AdamW groups, LR schedule and grad clip; `paired: *` = "
+        "one Lightning run with a plain step after each Lightning step, both timed per step; `defaults` = the "
+        "experiment's own callbacks (RichProgressBar, LearningRateMonitor, ModelCheckpoint) and CSV logger.",
+        "- tok/s = tokens of the timed window / its time, median over repeats; `median step` = tokens per step / the "
+        "run's median step time (robust to other jobs; nanoGPT's reference is a median step time too). vs plain = "
+        "median over repeats of (run / plain run of the same repeat); Lightning overhead = 1 - that. vs nanoGPT = "
+        f"tok/s / {NANOGPT['tok_s']:,.0f} (target >= {TARGET_X}). others' CPU = share of the machine's CPUs used by "
+        "other processes during the run (median over repeats): above a few % the absolute numbers are not those of "
+        "a quiet machine, only the side-by-side ratios are meaningful.",
     ]
-    losses = {r: [x["final_loss"] for x in runs[(configs[0], r)]] for r in a.runners}
-    notes.append(
-        "- loss@end is the training loss at the last step; same init, batches and optimizer make the runners agree: "
-        + ", ".join(f"{r} {v[-1]:.4f}" for r, v in losses.items())
-    )
+    for name in a.patch:
+        notes.append(f"- patched in this process (src/ unchanged): `{name}` = {PATCHES[name]}")
+    for pc in configs:
+        ends = {r: runs[(pc, r)][-1]["final_loss"] for r in a.runners}
+        if "paired" in a.runners:
+            ends["paired plain"] = runs[(pc, "paired")][-1]["plain_final_loss"]
+        notes.append(
+            f"- {config_tag(*pc)}: training loss after {a.warmup + a.steps} steps (same init, batches and optimizer, so the loops "
+            "should agree): " + ", ".join(f"{r} {v:.4f}" for r, v in ends.items())
+        )
     if rss is not None:
         notes.append(
-            f"- peak RSS of `{rss['command']}` (subprocess, wait4 ru_maxrss): {rss['peak_rss_mb']:.0f} MB "
-            f"(nanoGPT {NANOGPT['rss_mb']:.0f} MB); its wall time {rss['wall_s']:.1f} s, of which "
-            f"{rss['startup_s']:.1f} s before training (imports, data, model); exit {rss['rc']}"
+            f"- peak RSS of `{rss['command']}` (a subprocess; wait4 ru_maxrss): {rss['peak_rss_mb']:.0f} MB "
+            f"(nanoGPT {NANOGPT['rss_mb']:.0f} MB); it took {rss['wall_s']:.1f} s, {rss['startup_s']:.1f} s of it "
+            f"before training (imports, data, model); exit status {rss['rc']}"
         )
     for n in notes:
         print(n)
     if not a.no_write:
         doc = {
             "kind": "throughput",
-            "title": f"Throughput: {', '.join(config_tag(*pc) for pc in configs)}",
+            "title": f"Throughput: {', '.join(config_tag(*pc) for pc in configs)}"
+            + (f" (patched: {', '.join(a.patch)})" if a.patch else ""),
             "command": command_line(),
             "date": date,
             "machine": mach,
             "args": {k: str(v) for k, v in vars(a).items()},
             "nanogpt": NANOGPT,
             "results": summary,
-            "rss": rss,
+            "raw_step_s": {f"{config_tag(*pc)}/{r}": [x["step_s"] for x in runs[(pc, r)]] for pc, r in runs},
+            "rss": {k: v for k, v in rss.items() if k != "tail"} if rss else None,
             "table_md": md,
             "notes": notes,
         }
@@ -562,10 +838,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_full(a, configs, tag, date, mach) -> int:
-    header = ["config", "wall s", "startup s", "val_loss (step)", "best val", "peak RSS MB", "wall vs nanoGPT", "val vs nanoGPT"]
+    header = [
+        "config",
+        "wall s",
+        "startup s",
+        "val_loss (step)",
+        "best val",
+        "peak RSS MB",
+        "others' CPU",
+        "wall / nanoGPT",
+        "val - nanoGPT",
+    ]
     rows, results = [], {}
     for p, c in configs:
-        r = full_run(a.data, p, c, a.timeout)
+        r = full_run(a.data, p, c, a.timeout, a.patch)
         if r["rc"] != 0:
             print(r["tail"], file=sys.stderr)
         results[config_tag(p, c)] = r
@@ -577,24 +863,28 @@ def run_full(a, configs, tag, date, mach) -> int:
                 f"{r['val_loss']:.4f} ({r['val_step']})",
                 f"{r['best_val_loss']:.4f}",
                 f"{r['peak_rss_mb']:.0f}",
+                f"{100 * r['others_cpu']:.0f}%",
                 f"{r['wall_s'] / NANOGPT['wall_s']:.3f}",
                 f"{r['val_loss'] - NANOGPT['val_loss']:+.4f}",
             ]
         )
-    md = table("Full 2000-step experiment=shakespeare_baby via train.py", header, rows)
+    md = table("Full 2000-step experiment=shakespeare_baby via train.py", header, rows, left=1)
     notes = [
         f"- nanoGPT: val {NANOGPT['val_loss']} at iter 2000, {NANOGPT['wall_s']:.0f} s wall incl. evals, "
-        f"{NANOGPT['rss_mb']:.0f} MB. wall = whole subprocess (imports, tokenizing, 8 evals, checkpoints); startup = "
-        "until train.py prints its `model:` line, just before trainer.fit.",
+        f"{NANOGPT['rss_mb']:.0f} MB. wall = the whole subprocess (imports, tokenizing, 8 evals, checkpoints); "
+        "startup = until train.py prints its `model:` line, just before trainer.fit; others' CPU = share of the "
+        "machine's CPUs used by other processes meanwhile.",
     ]
+    for name in a.patch:
+        notes.append(f"- patched in the train.py process (src/ unchanged): `{name}` = {PATCHES[name]}")
     for k, r in results.items():
-        notes.append(f"- {k}: `{r['command']}`; val curve " + ", ".join(f"{s}:{v:.4f}" for s, v in r["val_curve"]))
+        notes.append(f"- {k}: `{r['command']}`; val curve " + ", ".join(f"{s}: {v:.4f}" for s, v in r["val_curve"]))
     for n in notes:
         print(n)
     if not a.no_write:
         doc = {
             "kind": "full",
-            "title": f"Full run: {', '.join(results)}",
+            "title": f"Full run: {', '.join(results)}" + (f" (patched: {', '.join(a.patch)})" if a.patch else ""),
             "command": command_line(),
             "date": date,
             "machine": mach,
@@ -606,13 +896,6 @@ def run_full(a, configs, tag, date, mach) -> int:
         }
         write(tag, doc)
     return 0 if all(r["rc"] == 0 for r in results.values()) else 1
-
-
-def write(tag: str, doc: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    safe = tag.replace("+", "-").replace("/", "-")
-    (RESULTS / f"{safe}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    print(f"wrote {RESULTS / f'{safe}.json'} and {rebuild_markdown()}")
 
 
 if __name__ == "__main__":
