@@ -115,7 +115,10 @@ class LitGPT(L.LightningModule):
         wd = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
         groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
         kwargs = {}
-        if "fused" not in getattr(factory, "keywords", {}) and _fused_ok(factory, decay + no_decay):
+        # Lightning cannot clip gradients for a fused optimizer under mixed precision (it would unscale inside)
+        trainer = self._trainer
+        clipped_amp = trainer is not None and "mixed" in str(trainer.precision) and bool(trainer.gradient_clip_val)
+        if "fused" not in getattr(factory, "keywords", {}) and not clipped_amp and _fused_ok(factory, decay + no_decay):
             kwargs["fused"] = True  # one kernel for the whole update instead of a loop over tensors
         optimizer = factory(groups, **kwargs)
         base_lr = optimizer.param_groups[0]["lr"]
