@@ -50,7 +50,7 @@ CONF = ROOT / "conf"
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 PY = sys.executable
-RUNNERS = ["lightning", "plain", "paired", "defaults"]
+RUNNERS = ["lightning", "plain", "paired", "defaults", "nanogpt-like"]
 
 # ../shared/BENCHMARKS.md: nanoGPT's "baby GPT" CPU configuration on this machine (2 threads, quiet)
 NANOGPT = {"tok_s": 20_100.0, "ms_per_iter": 38.2, "val_loss": 1.8857, "wall_s": 85.0, "rss_mb": 370.0}
@@ -239,6 +239,9 @@ class PlainTrainer:
         self.tokens_per_step = dm.batch_size * dm.block_size
         self.loss = math.nan
 
+    def get_batch(self, k: int):
+        return self.ds.batch(k)
+
     def lr_at(self, it: int) -> float:  # linear warmup then cosine to min_lr (microgpt.lit.lr_lambda)
         if it < self.warm:
             return self.lr * (it + 1) / (self.warm + 1)
@@ -251,7 +254,7 @@ class PlainTrainer:
         import torch
         import torch.nn.functional as F
 
-        x, y = self.ds.batch(k)
+        x, y = self.get_batch(k)
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(k)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
@@ -263,6 +266,51 @@ class PlainTrainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return loss
+
+
+class NanoGPTLike(PlainTrainer):
+    """A same-machine stand-in for nanoGPT's CPU run, written from its documented settings (not its code).
+
+    BENCHMARKS.md's nanoGPT figures come from one machine; this one may differ (see `cpu_flags`). What differs
+    from `plain`: exact GELU (nanoGPT's nn.GELU) instead of microgpt's tanh approximation, the default foreach
+    AdamW (nanoGPT fuses AdamW on CUDA only), and a nanoGPT-style get_batch: a fresh memmap of the token file,
+    random offsets from the global-style generator, one slice per row, stacked. Same shapes and model size.
+    Always fp32 and eager, as the reference run: with --precision/--compile it is the baseline to beat.
+    """
+
+    def __init__(self, cfg, dm, mcfg, precision: str, compiled: bool, fused: bool):
+        import types
+
+        import torch.nn.functional as F
+
+        from microgpt.components.mlp import GeluMLP
+
+        # nanoGPT's reference run is fp32 and eager whatever the configuration under test
+        super().__init__(cfg, dm, mcfg, "32-true", False, fused=False)
+
+        def exact(self, x):
+            return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+        for m in self.model.modules():
+            if isinstance(m, GeluMLP):
+                m.forward = types.MethodType(exact, m)
+        t = dm.train_tokens
+        self.file, self.dtype, self.offset, self.n = t.filename, t.dtype, t.offset, len(t)
+        self.block = dm.block_size
+        self.batch_size = dm.batch_size
+        import torch
+
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def get_batch(self, k: int):
+        import numpy as np
+        import torch
+
+        data = np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.n,))
+        ix = torch.randint(self.n - self.block, (self.batch_size,), generator=self.gen)
+        x = torch.stack([torch.from_numpy(data[i : i + self.block].astype(np.int64)) for i in ix.tolist()])
+        y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + self.block].astype(np.int64)) for i in ix.tolist()])
+        return x, y
 
 
 # ---- timing callbacks (Lightning imported lazily) ------------------------------------------------------
@@ -362,9 +410,9 @@ def lightning_run(data: Path, precision: str, compiled: bool, warmup: int, steps
         return out
 
 
-def plain_run(setup, precision: str, compiled: bool, fused: bool, warmup: int, steps: int) -> dict:
+def plain_run(setup, precision: str, compiled: bool, fused: bool, warmup: int, steps: int, cls=None) -> dict:
     cfg, dm, mcfg = setup
-    pt = PlainTrainer(cfg, dm, mcfg, precision, compiled, fused)
+    pt = (cls or PlainTrainer)(cfg, dm, mcfg, precision, compiled, fused)
     t = []
     loss = None
     for k in range(warmup + steps):
@@ -375,7 +423,7 @@ def plain_run(setup, precision: str, compiled: bool, fused: bool, warmup: int, s
         "step_s": [b - a for a, b in zip(t[warmup - 1 : -1], t[warmup:])],
         "tokens": steps * pt.tokens_per_step,
         "final_loss": float(loss),
-        "fused": fused,
+        "fused": pt.fused,
         "groups": pt.groups,
         "threads": __import__("torch").get_num_threads(),
     }
@@ -470,8 +518,22 @@ def machine() -> dict[str, Any]:
         "lightning": lightning.__version__,
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": _cpu_flags(),
         "loadavg_start": os.getloadavg(),
     }
+
+
+def _cpu_flags() -> str:
+    """The SIMD flags that decide matmul speed (AVX-512, bf16, AMX): they differ between machines of one name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                keep = ("avx", "fma", "amx", "f16")
+                return " ".join(f for f in line.split(":", 1)[1].split() if f.startswith(keep))
+    except OSError:
+        pass
+    return "?"
 
 
 def _cpu_model() -> str:
@@ -535,6 +597,8 @@ def rebuild_markdown() -> Path:
             f"python {m['python']}, torch threads {m['torch_threads']}, load average at start "
             f"{', '.join(f'{x:.2f}' for x in m['loadavg_start'])}"
         )
+        if "cpu_flags" in m:
+            lines.append(f"- CPU SIMD flags: `{m['cpu_flags']}`; torch CPU capability {m['torch_cpu_capability']}")
         lines += ["", *d["table_md"], "", *d.get("notes", []), ""]
     path = RESULTS / "throughput.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
@@ -566,7 +630,8 @@ def summarize(a, configs, runs) -> tuple[list[str], list[list[str]], dict]:
         "vs plain",
         "tok/s, median step",
         "vs plain, median step",
-        "vs nanoGPT (tok/s, median step)",
+        "vs nanoGPT-like (same run)",
+        "vs nanoGPT 20.1k (tok/s, median step)",
         "others' CPU",
         "loss@end",
     ]
@@ -601,6 +666,10 @@ def summarize(a, configs, runs) -> tuple[list[str], list[list[str]], dict]:
                 p_step = [_med_step_tok(tps, x["step_s"]) for x in series[ref]]
                 vs = statistics.median(u / v for u, v in zip(tok, p_tok))
                 vs_step = statistics.median(u / v for u, v in zip(step_tok, p_step))
+            vs_nano = math.nan
+            if "nanogpt-like" in series and name != "nanogpt-like":  # repeat by repeat, median steps
+                n_step = [_med_step_tok(tps, x["step_s"]) for x in series["nanogpt-like"]]
+                vs_nano = statistics.median(u / v for u, v in zip(step_tok, n_step))
             others = [x.get("others_cpu", math.nan) for x in rs]
             summary[f"{tag}/{name}"] = {
                 "tok_s": tok,
@@ -610,6 +679,7 @@ def summarize(a, configs, runs) -> tuple[list[str], list[list[str]], dict]:
                 "median_of_median_step_tok_s": med_step,
                 "vs_plain": vs,
                 "vs_plain_median_step": vs_step,
+                "vs_nanogpt_like_median_step": vs_nano,
                 "vs_nanogpt": med / NANOGPT["tok_s"],
                 "vs_nanogpt_median_step": med_step / NANOGPT["tok_s"],
                 "others_cpu": others,
@@ -628,6 +698,7 @@ def summarize(a, configs, runs) -> tuple[list[str], list[list[str]], dict]:
                     _f3(vs),
                     f"{med_step:,.0f}",
                     _f3(vs_step),
+                    _f3(vs_nano),
                     f"{med / NANOGPT['tok_s']:.3f} / {med_step / NANOGPT['tok_s']:.3f}",
                     f"{100 * statistics.median(others):.0f}%",
                     f"{rs[-1]['final_loss']:.4f}",
@@ -705,7 +776,9 @@ def measure(a, configs) -> dict[tuple, list[dict]]:
                 quiet_before = meter.wait_quiet(a.wait_quiet, a.quiet) if a.wait_quiet > 0 else math.nan
                 meter.start()
                 t0 = time.perf_counter()
-                if r == "plain":
+                if r == "nanogpt-like":
+                    res = plain_run(setups[pc], pc[0], pc[1], False, a.warmup, a.steps, NanoGPTLike)
+                elif r == "plain":
                     if pc not in fused:  # ask LitGPT once whether it fuses AdamW here
                         fused[pc] = lightning_run(a.data, pc[0], pc[1], 1, 1, "lightning")["fused"]
                         meter.start()
@@ -791,7 +864,11 @@ def main(argv: list[str] | None = None) -> int:
         "- runners: `lightning` = `microgpt.train.run` with `callbacks=none logger=none`; `plain` = hand-written "
         "loop over the same GPT, initial weights, batches, AdamW groups, LR schedule and grad clip; `paired: *` = "
         "one Lightning run with a plain step after each Lightning step, both timed per step; `defaults` = the "
-        "experiment's own callbacks (RichProgressBar, LearningRateMonitor, ModelCheckpoint) and CSV logger.",
+        "experiment's own callbacks (RichProgressBar, LearningRateMonitor, ModelCheckpoint) and CSV logger; "
+        "`nanogpt-like` = the plain loop changed where nanoGPT's CPU run differs (exact GELU, foreach AdamW, "
+        "nanoGPT-style get_batch; always fp32, eager): a same-machine stand-in for nanoGPT, whose 20.1k tok/s "
+        "were measured on another machine (compare the CPU flags above with ../shared/ENVIRONMENT.md's). "
+        "vs nanoGPT-like = median-step tok/s over that runner's, repeat by repeat.",
         "- tok/s = tokens of the timed window / its time, median over repeats; `median step` = tokens per step / the "
         "run's median step time (robust to other jobs; nanoGPT's reference is a median step time too). vs plain = "
         "median over repeats of (run / plain run of the same repeat); Lightning overhead = 1 - that. vs nanoGPT = "
@@ -807,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
             ends["paired plain"] = runs[(pc, "paired")][-1]["plain_final_loss"]
         notes.append(
             f"- {config_tag(*pc)}: training loss after {a.warmup + a.steps} steps (same init, batches and optimizer, so the loops "
-            "should agree): " + ", ".join(f"{r} {v:.4f}" for r, v in ends.items())
+            "other than nanogpt-like should agree): " + ", ".join(f"{r} {v:.4f}" for r, v in ends.items())
         )
     if rss is not None:
         notes.append(
