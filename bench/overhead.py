@@ -7,17 +7,18 @@ callbacks and CSV logger) in which every step, drawn at random, either runs as i
 thing switched off for that step only, or is replaced by `plain` (two steps of bench/throughput.py's
 plain loop, the second one timed). Switches are patches in this process (src/ is not touched):
 
-  -pbar      RichProgressBar's per-batch hooks (with --tty its console is a terminal, as for a user)
-  -lrmon     LearningRateMonitor's per-batch hook
-  -ckpt      ModelCheckpoint's per-batch hook
-  -log       LitGPT.training_step's `self.log("train_loss", ..., prog_bar=True)`
-  -isfinite  LitGPT.training_step's `torch.isfinite(loss)` check
-  -data      RandomWindows.batch replaced by a version with one reused generator
-  -loggers   the CSV logger (trainer.loggers emptied for the step)
-  -setattr   nn.Module.__setattr__ for `_current_fx_name`, which Lightning sets twice per hook call
-             (replaced by object.__setattr__, as Lightning's own _ResultMetric does)
-  lognth     self.log only on the steps whose metrics go to the loggers (every trainer.log_every_n_steps)
-  -all       all the `-` switches at once
+  no-pbar      RichProgressBar's per-batch hooks (with --tty its console is a terminal, as for a user)
+  no-lrmon     LearningRateMonitor's per-batch hook
+  no-ckpt      ModelCheckpoint's per-batch hook
+  no-log       LitGPT.training_step's `self.log("train_loss", ..., prog_bar=True)`
+  no-isfinite  LitGPT.training_step's `torch.isfinite(loss)` check
+  no-data      RandomWindows.batch replaced by a version with one reused generator
+  no-loggers   the CSV logger (trainer.loggers emptied for the step)
+  no-all       all the `no-` switches at once
+and two variants that put back what LitGPT no longer does, to show what dropping it saved:
+  logall       self.log on every step (LitGPT logs only on the steps whose metrics reach the loggers)
+  modsetattr   `_current_fx_name`, which Lightning sets twice per hook call, through nn.Module.__setattr__
+               (LitGPT stores it with object.__setattr__)
 
 Because the variants alternate step by step within one run, other jobs on a shared machine slow all of
 them alike; each one's median step time against `base`'s is what that part costs per step. Times are
@@ -43,9 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput as tp  # noqa: E402
 
 TINY = ["model.n_embd=16", "model.n_head=4"]
-SWITCHES = ["pbar", "lrmon", "ckpt", "log", "isfinite", "data", "loggers", "setattr"]
-# `lognth`: self.log only on the steps whose metrics Lightning writes to the loggers (every log_every_n_steps)
-VARIANTS = ["base", *(f"-{s}" for s in SWITCHES), "lognth", "-all", "plain"]
+SWITCHES = ["pbar", "lrmon", "ckpt", "log", "isfinite", "data", "loggers"]
+VARIANTS = ["base", *(f"no-{s}" for s in SWITCHES), "logall", "modsetattr", "no-all", "plain"]
 OFF: set[str] = set()  # switches off for the current step
 
 
@@ -54,19 +54,17 @@ def _noop(*args, **kwargs) -> None:
 
 
 def _training_step():
-    """src/microgpt/lit.py's LitGPT.training_step with `-log` / `-isfinite` switchable."""
-    import torch
+    """src/microgpt/lit.py's LitGPT.training_step with `no-log` / `no-isfinite` / `logall` switchable."""
+    import math
 
     from microgpt.errors import TrainingError
 
     def training_step(self, batch, batch_idx: int):
         out = self.objective(self, batch)
         loss = out["loss"]
-        if "isfinite" not in OFF and not torch.isfinite(loss):
+        if "isfinite" not in OFF and not math.isfinite(loss.item()):
             raise TrainingError(f"loss is {loss.item()} at step {self.global_step}")
-        log = "log" not in OFF
-        if "lognth" in OFF:  # Lightning's should_update_logs, as seen from inside training_step
-            log = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        log = "log" not in OFF and ("logall" in OFF or self._logging_step())
         if log:
             self.log("train_loss", loss, prog_bar=True)
             for k, v in out.items():
@@ -77,14 +75,14 @@ def _training_step():
     return training_step
 
 
-def _setattr():
+def _setattr(orig):
     import torch.nn as nn
 
     def __setattr__(self, name, value):  # noqa: N807
-        if name == "_current_fx_name" and "setattr" in OFF:
-            object.__setattr__(self, name, value)
-        else:
+        if name == "_current_fx_name" and "modsetattr" in OFF:
             nn.Module.__setattr__(self, name, value)
+        else:
+            orig(self, name, value)
 
     return __setattr__
 
@@ -149,12 +147,12 @@ def _define_control(a, schedule: list[str], plain_factory):
 
         def _apply(self, trainer, v: str) -> None:
             OFF.clear()
-            if v == "-all":
+            if v == "no-all":
                 OFF.update(SWITCHES)
-            elif v.startswith("-"):
-                OFF.add(v[1:])
-            elif v == "lognth":
-                OFF.add("lognth")
+            elif v.startswith("no-"):
+                OFF.add(v[3:])
+            elif v in ("logall", "modsetattr"):
+                OFF.add(v)
             for sw, items in self.by_switch.items():
                 for cb, hooks in items:
                     for h in hooks:
@@ -198,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     ap.add_argument("--tty", action="store_true", help="RichProgressBar renders as on a terminal (output discarded)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, help="draw steps from these only")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("BENCH_DATA", tp.DEFAULT_DATA)))
     ap.add_argument("--out", type=Path, default=None, help="write the results as json here")
     a = ap.parse_args(argv)
@@ -215,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     from microgpt.train import run
 
     rng = random.Random(a.seed)
-    schedule = ["base"] * a.warmup + [rng.choice(VARIANTS) for _ in range(a.steps - a.warmup)]
+    pool = list(dict.fromkeys(["base", *a.variants]))
+    schedule = ["base"] * a.warmup + [rng.choice(pool) for _ in range(a.steps - a.warmup)]
     extra = TINY if a.model == "tiny" else []
     setup = tp.plain_setup(a.data, a.precision, False, a.steps, extra)
     cfg0, dm0, mcfg0 = setup
@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = OmegaConf.create(cfg)
         orig_step, orig_batch = LitGPT.__dict__["training_step"], RandomWindows.__dict__["batch"]
         LitGPT.training_step = _training_step()
-        LitGPT.__setattr__ = _setattr()
+        orig_setattr = LitGPT.__dict__["__setattr__"]
+        LitGPT.__setattr__ = _setattr(orig_setattr)
         RandomWindows.batch = _batch(orig_batch)
         meter.start()
         t0 = time.perf_counter()
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = run(cfg)
         finally:
             LitGPT.training_step, RandomWindows.batch = orig_step, orig_batch
-            del LitGPT.__setattr__
+            LitGPT.__setattr__ = orig_setattr
         wall = time.perf_counter() - t0
     others = meter.others()
     ctl = next(c for c in res["trainer"].callbacks if type(c).__name__ == "Control")

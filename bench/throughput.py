@@ -143,68 +143,6 @@ class LoadMeter:
                 return x
 
 
-# ---- what-if patches (this process only; src/ is not edited) ------------------------------------------
-
-PATCHES = {
-    "gelu-exact": "GeluMLP uses exact GELU (nanoGPT's nn.GELU()) instead of approximate='tanh' (both loops)",
-    "log-nth": "LitGPT.training_step calls self.log only on the steps Lightning writes to the loggers",
-    "fx-setattr": "LitGPT sets Lightning's `_current_fx_name` with object.__setattr__ (twice per hook call)",
-}
-
-
-@contextlib.contextmanager
-def patched(names: list[str]):
-    """Apply the named PATCHES for the duration: to measure a suggested change before anyone makes it."""
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    from microgpt.components.mlp import GeluMLP
-    from microgpt.lit import LitGPT
-
-    saved = []
-
-    def put(cls, name, value):
-        saved.append((cls, name, cls.__dict__.get(name)))
-        setattr(cls, name, value)
-
-    if "gelu-exact" in names:
-
-        def gelu_forward(self, x):
-            return self.dropout(self.proj(F.gelu(self.fc(x))))
-
-        put(GeluMLP, "forward", gelu_forward)
-    if "log-nth" in names:
-        orig = LitGPT.training_step
-
-        def training_step(self, batch, batch_idx: int):
-            if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
-                return orig(self, batch, batch_idx)
-            out = self.objective(self, batch)  # the same step without self.log
-            if not torch.isfinite(out["loss"]):
-                return orig(self, batch, batch_idx)  # let the original raise its error
-            return out["loss"]
-
-        put(LitGPT, "training_step", training_step)
-    if "fx-setattr" in names:
-
-        def __setattr__(self, name, value):  # noqa: N807
-            if name == "_current_fx_name":
-                object.__setattr__(self, name, value)
-            else:
-                nn.Module.__setattr__(self, name, value)
-
-        put(LitGPT, "__setattr__", __setattr__)
-    try:
-        yield
-    finally:
-        for cls, name, old in reversed(saved):
-            if old is None:
-                delattr(cls, name)
-            else:
-                setattr(cls, name, old)
-
-
 # ---- the plain loop ------------------------------------------------------------------------------------
 
 
@@ -272,28 +210,20 @@ class NanoGPTLike(PlainTrainer):
     """A same-machine stand-in for nanoGPT's CPU run, written from its documented settings (not its code).
 
     BENCHMARKS.md's nanoGPT figures come from one machine; this one may differ (see `cpu_flags`). What differs
-    from `plain`: exact GELU (nanoGPT's nn.GELU) instead of microgpt's tanh approximation, the default foreach
+    from `plain`: exact GELU forced (nanoGPT's nn.GELU; also microgpt's default `mlp=gelu`), the default foreach
     AdamW (nanoGPT fuses AdamW on CUDA only), and a nanoGPT-style get_batch: a fresh memmap of the token file,
     random offsets from the global-style generator, one slice per row, stacked. Same shapes and model size.
     Always fp32 and eager, as the reference run: with --precision/--compile it is the baseline to beat.
     """
 
     def __init__(self, cfg, dm, mcfg, precision: str, compiled: bool, fused: bool):
-        import types
-
-        import torch.nn.functional as F
-
         from microgpt.components.mlp import GeluMLP
 
         # nanoGPT's reference run is fp32 and eager whatever the configuration under test
         super().__init__(cfg, dm, mcfg, "32-true", False, fused=False)
-
-        def exact(self, x):
-            return self.dropout(self.proj(F.gelu(self.fc(x))))
-
         for m in self.model.modules():
             if isinstance(m, GeluMLP):
-                m.forward = types.MethodType(exact, m)
+                m.approximate = "none"  # exact GELU even if the configuration under test says gelu_tanh
         t = dm.train_tokens
         self.file, self.dtype, self.offset, self.n = t.filename, t.dtype, t.offset, len(t)
         self.block = dm.block_size
@@ -432,12 +362,10 @@ def plain_run(setup, precision: str, compiled: bool, fused: bool, warmup: int, s
 # ---- subprocess runs (peak RSS, --full) -------------------------------------------------------------------
 
 
-def train_subprocess(args: list[str], timeout: float, patches: list[str] | None = None) -> dict:
+def train_subprocess(args: list[str], timeout: float) -> dict:
     """Run train.py with args: wall time, time to its `model:` line (startup), peak RSS from wait4."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     script = [str(ROOT / "train.py")]
-    if patches:
-        script = [str(Path(__file__).resolve()), "--train-patched", ",".join(patches)]
     meter = LoadMeter()
     meter.start()
     t0 = time.perf_counter()
@@ -482,22 +410,22 @@ def train_subprocess(args: list[str], timeout: float, patches: list[str] | None 
     }
 
 
-def full_run(data: Path, precision: str, compiled: bool, timeout: float, patches: list[str]) -> dict:
+def full_run(data: Path, precision: str, compiled: bool, timeout: float, seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp:
         args = [
             "experiment=shakespeare_baby",
             f"data.path={data}",
             f"trainer.precision={precision}",
             f"compile={str(compiled).lower()}",
+            f"seed={seed}",
             "print_sample=false",
             f"hydra.run.dir={tmp}",
         ]
-        r = train_subprocess(args, timeout, patches)
+        r = train_subprocess(args, timeout)
         f = Path(tmp) / "metrics.csv"
         rows = list(csv.DictReader(f.open(newline=""))) if f.is_file() else []
     vals = [(int(row["step"]), float(row["val_loss"])) for row in rows if row.get("val_loss")]
-    launcher = ["bench/throughput.py", "--train-patched", ",".join(patches)] if patches else ["train.py"]
-    r["command"] = " ".join([".venv/bin/python", *launcher, *args[:-1], "hydra.run.dir=<tmp>"])
+    r["command"] = " ".join([".venv/bin/python", "train.py", *args[:-1], "hydra.run.dir=<tmp>"])
     r["val_curve"] = vals
     r["val_step"], r["val_loss"] = vals[-1] if vals else (None, math.nan)
     r["best_val_loss"] = min((v for _, v in vals), default=math.nan)
@@ -723,14 +651,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--runners", nargs="+", default=RUNNERS, choices=RUNNERS, help="loops to time (default all)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2: the machine's cores)")
     ap.add_argument(
-        "--patch",
-        nargs="+",
-        default=[],
-        choices=list(PATCHES),
-        help="measure a suggested change to src/ by patching it in this process: "
-        + "; ".join(f"{k}: {v}" for k, v in PATCHES.items()),
-    )
-    ap.add_argument(
         "--wait-quiet",
         type=float,
         default=0.0,
@@ -741,6 +661,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-rss", action="store_true", help="skip the train.py subprocess that measures peak RSS")
     ap.add_argument("--rss-steps", type=int, default=260, help="steps of that subprocess (260: one val + checkpoint)")
     ap.add_argument("--full", action="store_true", help="run the whole 2000-step experiment via train.py instead")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="--full: one run per seed (default 0)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed to a train.py subprocess")
     ap.add_argument("--tag", default=None, help="results file name (default: from the configuration)")
     ap.add_argument("--no-write", action="store_true", help="print only; write nothing under bench/results")
@@ -802,21 +723,7 @@ def measure(a, configs) -> dict[tuple, list[dict]]:
     return runs
 
 
-def train_patched(argv: list[str]) -> None:
-    """`throughput.py --train-patched P1,P2 <train.py args>`: train.py with PATCHES applied (for --full --patch)."""
-    import runpy
-
-    names = [n for n in argv[0].split(",") if n]
-    sys.argv = [str(ROOT / "train.py"), *argv[1:]]
-    with patched(names):
-        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--train-patched"]:
-        train_patched(argv[1:])
-        return 0
     a = parse_args(argv)
     import torch
 
@@ -829,12 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     compiles = {"off": [False], "on": [True], "both": [False, True]}[a.compile]
     configs = [(p, c) for p in a.precision for c in compiles]
     tag = a.tag or ("full-" if a.full else "throughput-") + "_".join(config_tag(p, c) for p, c in configs)
-    if a.patch:
-        tag += "_patch-" + "-".join(a.patch)
     if a.full:
         return run_full(a, configs, tag, date, mach)
-    with patched(a.patch):
-        runs = measure(a, configs)
+    runs = measure(a, configs)
 
     rss = None
     if not a.no_rss:
@@ -849,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
                 "print_sample=false",
                 f"hydra.run.dir={tmp}",
             ]
-            rss = train_subprocess(rss_args, a.timeout, a.patch)
+            rss = train_subprocess(rss_args, a.timeout)
             rss["command"] = " ".join(["train.py", *rss_args[:-1]])
             if rss["rc"] != 0:
                 print(rss["tail"], file=sys.stderr)
@@ -857,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     header, rows, summary = summarize(a, configs, runs)
     title = (
         f"microgpt training throughput: {a.steps} steps after {a.warmup} warm-up, median of {a.repeats}, "
-        f"{a.threads} threads" + (f", patched: {', '.join(a.patch)}" if a.patch else "")
+        f"{a.threads} threads"
     )
     md = table(title, header, rows)
     notes = [
@@ -876,8 +780,6 @@ def main(argv: list[str] | None = None) -> int:
         "other processes during the run (median over repeats): above a few % the absolute numbers are not those of "
         "a quiet machine, only the side-by-side ratios are meaningful.",
     ]
-    for name in a.patch:
-        notes.append(f"- patched in this process (src/ unchanged): `{name}` = {PATCHES[name]}")
     for pc in configs:
         ends = {r: runs[(pc, r)][-1]["final_loss"] for r in a.runners}
         if "paired" in a.runners:
@@ -897,8 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_write:
         doc = {
             "kind": "throughput",
-            "title": f"Throughput: {', '.join(config_tag(*pc) for pc in configs)}"
-            + (f" (patched: {', '.join(a.patch)})" if a.patch else ""),
+            "title": f"Throughput: {', '.join(config_tag(*pc) for pc in configs)}",
             "command": command_line(),
             "date": date,
             "machine": mach,
@@ -928,23 +829,44 @@ def run_full(a, configs, tag, date, mach) -> int:
     ]
     rows, results = [], {}
     for p, c in configs:
-        r = full_run(a.data, p, c, a.timeout, a.patch)
-        if r["rc"] != 0:
-            print(r["tail"], file=sys.stderr)
-        results[config_tag(p, c)] = r
-        rows.append(
-            [
-                config_tag(p, c),
-                f"{r['wall_s']:.1f}",
-                f"{r['startup_s']:.1f}",
-                f"{r['val_loss']:.4f} ({r['val_step']})",
-                f"{r['best_val_loss']:.4f}",
-                f"{r['peak_rss_mb']:.0f}",
-                f"{100 * r['others_cpu']:.0f}%",
-                f"{r['wall_s'] / NANOGPT['wall_s']:.3f}",
-                f"{r['val_loss'] - NANOGPT['val_loss']:+.4f}",
-            ]
-        )
+        vals, walls = [], []
+        for seed in a.seeds:
+            r = full_run(a.data, p, c, a.timeout, seed)
+            if r["rc"] != 0:
+                print(r["tail"], file=sys.stderr)
+            key = config_tag(p, c) + (f" seed={seed}" if len(a.seeds) > 1 else "")
+            results[key] = r
+            vals.append(r["val_loss"])
+            walls.append(r["wall_s"])
+            rows.append(
+                [
+                    key,
+                    f"{r['wall_s']:.1f}",
+                    f"{r['startup_s']:.1f}",
+                    f"{r['val_loss']:.4f} ({r['val_step']})",
+                    f"{r['best_val_loss']:.4f}",
+                    f"{r['peak_rss_mb']:.0f}",
+                    f"{100 * r['others_cpu']:.0f}%",
+                    f"{r['wall_s'] / NANOGPT['wall_s']:.3f}",
+                    f"{r['val_loss'] - NANOGPT['val_loss']:+.4f}",
+                ]
+            )
+            print(" | ".join(rows[-1]), flush=True)
+        if len(a.seeds) > 1:
+            mean, sd = statistics.mean(vals), statistics.stdev(vals)
+            rows.append(
+                [
+                    f"{config_tag(p, c)} mean of {len(vals)} seeds",
+                    f"{statistics.median(walls):.1f} (median)",
+                    "",
+                    f"{mean:.4f} ± {sd:.4f} (sd)",
+                    "",
+                    "",
+                    "",
+                    f"{statistics.median(walls) / NANOGPT['wall_s']:.3f}",
+                    f"{mean - NANOGPT['val_loss']:+.4f}",
+                ]
+            )
     md = table("Full 2000-step experiment=shakespeare_baby via train.py", header, rows, left=1)
     notes = [
         f"- nanoGPT: val {NANOGPT['val_loss']} at iter 2000, {NANOGPT['wall_s']:.0f} s wall incl. evals, "
@@ -952,8 +874,6 @@ def run_full(a, configs, tag, date, mach) -> int:
         "startup = until train.py prints its `model:` line, just before trainer.fit; others' CPU = share of the "
         "machine's CPUs used by other processes meanwhile.",
     ]
-    for name in a.patch:
-        notes.append(f"- patched in the train.py process (src/ unchanged): `{name}` = {PATCHES[name]}")
     for k, r in results.items():
         notes.append(f"- {k}: `{r['command']}`; val curve " + ", ".join(f"{s}: {v:.4f}" for s, v in r["val_curve"]))
     for n in notes:
@@ -961,7 +881,7 @@ def run_full(a, configs, tag, date, mach) -> int:
     if not a.no_write:
         doc = {
             "kind": "full",
-            "title": f"Full run: {', '.join(results)}" + (f" (patched: {', '.join(a.patch)})" if a.patch else ""),
+            "title": f"Full run: {', '.join(dict.fromkeys(k.split(' ')[0] for k in results))}",
             "command": command_line(),
             "date": date,
             "machine": mach,

@@ -168,17 +168,26 @@ def test_legacy_pytorch_model_bin_loads_without_executing_pickles(gpt2, tmp_path
         microgpt.load(d)
 
 
-def test_tolerance_is_tight_enough_to_catch_the_wrong_gelu(gpt2, tmp_path):
+def test_exact_gelu_gpt2_loads_as_mlp_gelu_and_the_tolerance_tells_the_two_apart(gpt2, tmp_path):
     cfg = GPT2Config(**{**gpt2.hf.config.to_dict(), "activation_function": "gelu"})
     erf = GPT2LMHeadModel(cfg).eval()
     erf.load_state_dict(gpt2.hf.state_dict())
     x = ids(seed=3)
     assert (hf_logits(erf, x) - hf_logits(gpt2.hf, x)).abs().max().item() > 10 * TOL
+    assert microgpt.load(gpt2.dir)[0].config.mlp == "gelu_tanh"  # GPT-2's own gelu_new
     d = copy_dir(gpt2.dir, tmp_path / "erf")
     (d / "config.json").write_text(
         json.dumps({**json.loads((d / "config.json").read_text()), "activation_function": "gelu"})
     )
-    with pytest.raises(CheckpointError, match="activation_function='gelu'"):
+    model, _ = microgpt.load(d)
+    assert model.config.mlp == "gelu"
+    with torch.no_grad():
+        assert (model(x) - hf_logits(erf, x)).abs().max().item() <= TOL
+    # an activation microgpt has no MLP for is refused, naming it
+    (d / "config.json").write_text(
+        json.dumps({**json.loads((d / "config.json").read_text()), "activation_function": "relu"})
+    )
+    with pytest.raises(CheckpointError, match="activation_function='relu'"):
         microgpt.load(d)
 
 
@@ -394,15 +403,17 @@ def test_safetensors_export_reloads_exactly_for_any_architecture(tmp_path, corpu
     assert 0.49 < ratio < 0.52
 
 
-def test_hf_export_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_path, corpus):
+@pytest.mark.parametrize(("mlp", "act"), [("gelu", "gelu"), ("gelu_tanh", "gelu_new")])
+def test_hf_export_loads_in_transformers_with_the_same_logits_and_tokenizer(mlp, act, tmp_path, corpus):
     from transformers import AutoTokenizer
 
     tok = BPETokenizer.fit(corpus[:20_000], vocab_size=300)
     # nanoGPT-style: no biases (exported as zeros), an untied head, a non-default MLP width
-    src = small_model(vocab=300, bias=False, tie_embeddings=False, mlp_hidden=80, norm_eps=1e-6)
+    src = small_model(vocab=300, bias=False, tie_embeddings=False, mlp_hidden=80, norm_eps=1e-6, mlp=mlp)
     export(save_ckpt(src, tok, tmp_path / "m.ckpt"), "hf", tmp_path / "hf")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert not hf.config.tie_word_embeddings and hf.config.n_inner == 80
+    assert hf.config.activation_function == act
     x = ids(vocab=300)
     with torch.no_grad():
         ref = src(x)

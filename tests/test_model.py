@@ -521,14 +521,21 @@ def _randomise(module: torch.nn.Module) -> None:
             p.normal_(0, 0.5)
 
 
-def test_gelu_mlp_formula():
-    cfg = GPTConfig(vocab_size=V, n_embd=16, n_head=2, bias=True)
-    mlp = MLP.build("gelu", cfg)
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh"])
+def test_gelu_mlp_formula(name):
+    cfg = GPTConfig(vocab_size=V, n_embd=16, n_head=2, bias=True, mlp=name)
+    mlp = MLP.build(name, cfg)
     _randomise(mlp)
     x = torch.randn(2, 5, 16)
     h = x @ mlp.fc.weight.T + mlp.fc.bias
-    gelu = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
-    torch.testing.assert_close(mlp(x), gelu @ mlp.proj.weight.T + mlp.proj.bias, atol=1e-5, rtol=1e-5)
+    acts = {
+        "gelu": 0.5 * h * (1 + torch.erf(h / math.sqrt(2))),  # exact x * Phi(x), nanoGPT's nn.GELU()
+        "gelu_tanh": 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))),  # GPT-2's
+    }
+    out = {k: a @ mlp.proj.weight.T + mlp.proj.bias for k, a in acts.items()}
+    torch.testing.assert_close(mlp(x), out[name], atol=1e-5, rtol=1e-5)
+    other = "gelu_tanh" if name == "gelu" else "gelu"
+    assert (mlp(x) - out[other]).abs().max() > 1e-3  # the two are told apart at this tolerance
     assert mlp.fc.weight.shape == (64, 16)
 
 

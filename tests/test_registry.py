@@ -38,7 +38,7 @@ def test_builtin_components_are_registered():
     assert {"mha", "gqa", "mqa", "sliding"} <= set(ATTENTION.names())
     assert {"learned", "rope"} <= set(POSITION.names())
     assert {"layernorm", "rmsnorm"} <= set(NORM.names())
-    assert {"gelu", "swiglu"} <= set(MLP.names())
+    assert {"gelu", "gelu_tanh", "swiglu"} <= set(MLP.names())
 
 
 def test_unknown_name_is_one_line_listing_choices():

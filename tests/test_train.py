@@ -224,6 +224,31 @@ def test_resume_from_mid_run_checkpoint_is_exact(tmp_path, small_text, monkeypat
         torch.testing.assert_close(wb[k], wa[k], atol=0, rtol=0, msg=f"final weight {k} differs after resume")
 
 
+def test_compile_true_trains_through_the_compiled_model_with_the_same_losses(tmp_path, small_text, monkeypatch):
+    # dynamo traces for real; the "eager" backend skips inductor's C++ build (tens of seconds) but still
+    # hands LitGPT torch.compile's wrapper, whose truth value cannot be taken
+    calls = []
+    real_compile = torch.compile
+
+    def compile_eager(model, **kw):
+        calls.append(model)
+        return real_compile(model, backend="eager")
+
+    common = nano(small_text, "trainer.max_steps=6", "trainer.val_check_interval=6", "data.eval_batches=1", *NO_LOGGER)
+    plain, rec_plain = run_recorded(compose(common, tmp_path / "plain"), monkeypatch)
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    comp, rec_comp = run_recorded(compose([*common, "compile=true"], tmp_path / "comp"), monkeypatch)
+    assert len(calls) == 1 and calls[0] is comp["module"].model  # the inner model, not the LightningModule
+    assert sorted(rec_comp.losses) == list(range(6))
+    for k in range(6):
+        assert rec_comp.losses[k] == pytest.approx(rec_plain.losses[k], abs=1e-5, rel=0), f"step {k}"
+    # checkpoint keys stay plain (no `_orig_mod.`): it loads into an uncompiled GPT
+    ckpt = torch.load(tmp_path / "comp" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+    model, _ = microgpt.load(tmp_path / "comp" / "checkpoints" / "last.ckpt")
+    assert model.state_dict().keys() == plain["module"].model.state_dict().keys()
+
+
 # ---- 4. ckpt_path=last -------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu | swiglu
+    mlp: str = "gelu"  # gelu (exact) | gelu_tanh (GPT-2) | swiglu
     tie_embeddings: bool = True  # the output head reads the token embedding's weight
     n_unique_layers: int | None = None  # cross-layer sharing: k unique blocks reused cyclically over n_layer
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1.3x slower

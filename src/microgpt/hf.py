@@ -51,8 +51,11 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_BIN = "pytorch_model.bin"
 HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 MICROGPT_TOKENIZER = "microgpt_tokenizer.json"  # written by `export format=hf` for char/byte tokenizers
-# GELU with the tanh approximation, under its HF names (all the same function as microgpt's gelu MLP)
+# GELU with the tanh approximation, under its HF names (all the same function as microgpt's gelu_tanh MLP)
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# HF activation_function -> microgpt MLP name, and back for export
+HF_ACTIVATIONS = {**dict.fromkeys(TANH_GELU, "gelu_tanh"), "gelu": "gelu"}
+MLP_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 # old HF checkpoints saved the causal-mask buffers of each attention layer: not weights
 _BUFFERS = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 # per-layer GPT-2 weights: HF name -> (microgpt name, is a Conv1D weight to transpose)
@@ -249,8 +252,8 @@ def gpt_config_from_hf(hf: dict[str, Any], path: str | os.PathLike = "") -> GPTC
         )
     act = hf.get("activation_function", "gelu_new")
     blockers = []
-    if act not in TANH_GELU:
-        blockers.append(f"activation_function={act!r} (microgpt's GELU MLP is the tanh approximation: {TANH_GELU})")
+    if act not in HF_ACTIVATIONS:
+        blockers.append(f"activation_function={act!r} (microgpt's GELU MLPs take {tuple(HF_ACTIVATIONS)})")
     if hf.get("add_cross_attention"):
         blockers.append("add_cross_attention=true (an encoder-decoder GPT-2)")
     if hf.get("scale_attn_by_inverse_layer_idx"):
@@ -274,7 +277,7 @@ def gpt_config_from_hf(hf: dict[str, Any], path: str | os.PathLike = "") -> GPTC
             position="learned",
             norm="layernorm",
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-            mlp="gelu",
+            mlp=HF_ACTIVATIONS.get(act, "gelu_tanh"),
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
             init_std=float(hf.get("initializer_range", 0.02)),
         )
@@ -421,8 +424,8 @@ def gpt2_blockers(cfg: GPTConfig) -> list[str]:
         out.append(f"position={cfg.position} (GPT-2 has learned absolute positions)")
     if cfg.norm != "layernorm":
         out.append(f"norm={cfg.norm} (GPT-2 uses LayerNorm)")
-    if cfg.mlp != "gelu":
-        out.append(f"mlp={cfg.mlp} (GPT-2 has a 2-matrix GELU MLP)")
+    if cfg.mlp not in MLP_TO_HF:
+        out.append(f"mlp={cfg.mlp} (GPT-2 has a 2-matrix GELU MLP: gelu or gelu_tanh)")
     if cfg.attention not in ("mha", "gqa", "mqa", "sliding"):
         out.append(f"attention={cfg.attention} (a plugin's attention; GPT-2 has plain multi-head attention)")
     elif cfg.attention == "sliding":
@@ -473,7 +476,7 @@ def hf_config_dict(cfg: GPTConfig, tok, dtype: str = "float32") -> dict[str, Any
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": cfg.hidden_dim if cfg.hidden_dim != 4 * cfg.n_embd else None,
-        "activation_function": "gelu_new",
+        "activation_function": MLP_TO_HF.get(cfg.mlp, "gelu_new"),
         "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
