@@ -149,6 +149,8 @@ class LoadMeter:
 class PlainTrainer:
     """nanoGPT's train.py loop (minus evaluation) over microgpt's GPT, one step at a time."""
 
+    decay_embeddings = staticmethod(lambda cfg: bool(cfg.get("decay_embeddings", False)))
+
     def __init__(self, cfg, dm, mcfg, precision: str, compiled: bool, fused: bool):
         import torch
 
@@ -160,7 +162,8 @@ class PlainTrainer:
         self.model.train()
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():  # LitGPT.configure_optimizers' groups
-            is_matrix = p.dim() >= 2 and "wte" not in name and "wpe" not in name and "emb" not in name
+            is_embedding = "wte" in name or "wpe" in name or "emb" in name
+            is_matrix = p.dim() >= 2 and (self.decay_embeddings(cfg) or not is_embedding)
             (decay if is_matrix else no_decay).append(p)
         o = cfg.optimizer
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -215,6 +218,8 @@ class NanoGPTLike(PlainTrainer):
     random offsets from the global-style generator, one slice per row, stacked. Same shapes and model size.
     Always fp32 and eager, as the reference run: with --precision/--compile it is the baseline to beat.
     """
+
+    decay_embeddings = staticmethod(lambda cfg: True)  # nanoGPT decays every matrix, wte and wpe included
 
     def __init__(self, cfg, dm, mcfg, precision: str, compiled: bool, fused: bool):
         from microgpt.components.mlp import GeluMLP

@@ -298,6 +298,7 @@ def test_shakespeare_baby_matches_nanogpt():
     assert o.lr == pytest.approx(1e-3) and s.min_lr == pytest.approx(1e-4)
     assert s.warmup_steps == 100 and s.decay_steps == 2000
     assert list(o.betas) == pytest.approx([0.9, 0.99]) and o.weight_decay == pytest.approx(0.1)
+    assert cfg.decay_embeddings is True  # nanoGPT's configure_optimizers decays every 2-D parameter
     assert t.gradient_clip_val == pytest.approx(1.0) and t.precision in ("32-true", "32", 32)
     assert t.val_check_interval == 250 and t.max_steps == 2000
     assert t.accumulate_grad_batches == 1
@@ -363,3 +364,30 @@ def test_module_scheduler_follows_nanogpt():
         assert [g["lr"] for g in opt.param_groups] == pytest.approx([want] * len(opt.param_groups), rel=1e-9), it
         opt.step()
         sched.step()
+
+
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_weight_decay_groups(decay_embeddings):
+    """Decay on the matrices that multiply activations; embeddings only with decay_embeddings (nanoGPT's way)."""
+    import torch
+
+    from microgpt.config import GPTConfig
+    from microgpt.lit import LitGPT
+
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, bias=True)
+    module = LitGPT(
+        model=cfg.to_dict(),
+        optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
+        decay_embeddings=decay_embeddings,
+    )
+    opt = module.configure_optimizers()["optimizer"]
+    names = {id(p): n for n, p in module.named_parameters()}
+    by_wd = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    linears = {
+        f"model.blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+    }
+    embeddings = {"model.wte.weight", "model.pos.wpe.weight"}
+    assert by_wd[0.1] == (linears | embeddings if decay_embeddings else linears)
+    rest = set(names.values()) - by_wd[0.1]
+    assert rest == by_wd[0.0] and all(n.endswith("bias") or "norm" in n or n in embeddings for n in rest)
+    assert any(n.endswith("bias") for n in rest) and any("norm" in n for n in rest)

@@ -581,3 +581,29 @@ def test_block_is_prenorm_residual():
         h = x + blk.attn(blk.norm1(x))
         want = h + blk.mlp(blk.norm2(h))
         torch.testing.assert_close(blk(x), want, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- import hygiene
+
+
+@pytest.mark.parametrize(
+    ("modules", "banned"),
+    [
+        # model code reads like nanoGPT's: no framework behind it; microgpt.load() rebuilds without Hydra
+        (
+            "microgpt, microgpt.model, microgpt.components, microgpt.checkpoint, microgpt.data.tokenizers",
+            "lightning hydra",
+        ),
+        # the generate CLI composes its config with Hydra but starts without Lightning's ~3 s import
+        ("microgpt.generate", "lightning"),
+    ],
+)
+def test_model_code_and_the_load_path_do_not_import_frameworks(modules, banned):
+    import subprocess
+    import sys
+
+    # a fresh interpreter, so nothing another test imported can hide an import
+    code = f"import sys, {modules}\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & set({banned.split()!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"{modules} imported {out.stdout.strip()}"

@@ -52,6 +52,7 @@ class LitGPT(L.LightningModule):
         bytes_per_token: float = 1.0,
         compile: bool = False,
         plugins: dict[str, Any] | None = None,
+        decay_embeddings: bool = False,
     ):
         super().__init__()
         # hyperparameters are plain data (no callables): a checkpoint loads with weights_only=True and
@@ -122,12 +123,14 @@ class LitGPT(L.LightningModule):
         self.val_metrics.reset()
 
     def configure_optimizers(self):
-        # weight decay only on matrices that multiply activations: not on norms, biases or embeddings
+        # weight decay only on matrices that multiply activations: not on norms, biases or (unless
+        # decay_embeddings, as nanoGPT does) embeddings
         decay, no_decay = [], []
         for name, p in self.named_parameters():  # the model plus any trainable plugin parts
             if not p.requires_grad:
                 continue
-            is_matrix = p.dim() >= 2 and "wte" not in name and "wpe" not in name and "emb" not in name
+            is_embedding = "wte" in name or "wpe" in name or "emb" in name
+            is_matrix = p.dim() >= 2 and (self.hparams.get("decay_embeddings", False) or not is_embedding)
             (decay if is_matrix else no_decay).append(p)
         factory = self.optimizer_factory
         wd = getattr(factory, "keywords", {}).get("weight_decay", 0.0)

@@ -225,6 +225,7 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         bytes_per_token=dm.bytes_per_token,
         compile=cfg.compile,
         plugins=plugin_origin(mods),
+        decay_embeddings=cfg.decay_embeddings,
     )
     if init_model is not None:
         # converters this run adds (masks, ...) may own new state the base weights don't have

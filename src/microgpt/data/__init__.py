@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from microgpt.data.datamodule import RandomWindows, TokenDataModule, ValWindows, batch_seed
+from typing import TYPE_CHECKING
+
 from microgpt.data.sources import (
     SHAKESPEARE_URL,
     cache_root,
@@ -23,6 +24,21 @@ from microgpt.data.tokenizers import (
     build_tokenizer,
     tokenizer_from_dict,
 )
+
+if TYPE_CHECKING:
+    from microgpt.data.datamodule import RandomWindows, TokenDataModule, ValWindows, batch_seed
+
+_DATAMODULE = ("RandomWindows", "TokenDataModule", "ValWindows", "batch_seed")
+
+
+def __getattr__(name: str):
+    # the datamodule imports Lightning (~3 s): only training and evaluation need it, not load() or generate
+    if name in _DATAMODULE:
+        from microgpt.data import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "SHAKESPEARE_URL",
