@@ -415,14 +415,14 @@ def train_subprocess(args: list[str], timeout: float) -> dict:
     }
 
 
-def full_run(data: Path, precision: str, compiled: bool, timeout: float, seed: int) -> dict:
+def full_run(data: Path, precision: str, compiled: bool, timeout: float, seed: int | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp:
         args = [
             "experiment=shakespeare_baby",
             f"data.path={data}",
             f"trainer.precision={precision}",
             f"compile={str(compiled).lower()}",
-            f"seed={seed}",
+            *([f"seed={seed}"] if seed is not None else []),
             "print_sample=false",
             f"hydra.run.dir={tmp}",
         ]
@@ -666,7 +666,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-rss", action="store_true", help="skip the train.py subprocess that measures peak RSS")
     ap.add_argument("--rss-steps", type=int, default=260, help="steps of that subprocess (260: one val + checkpoint)")
     ap.add_argument("--full", action="store_true", help="run the whole 2000-step experiment via train.py instead")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="--full: one run per seed (default 0)")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[None], help="--full: one run per seed (default: the config's, 1337)"
+    )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed to a train.py subprocess")
     ap.add_argument("--tag", default=None, help="results file name (default: from the configuration)")
     ap.add_argument("--no-write", action="store_true", help="print only; write nothing under bench/results")
