@@ -470,6 +470,10 @@ def test_default_train_py_on_embedded_data_prints_size_and_sample(tmp_path):
     assert s, p.stdout[-2000:]
     assert s[1].strip() and len(s[1]) == 200  # sample.max_new_tokens char tokens, empty prompt
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    # Lightning's messages reach the console once (not also through its own handler) and the run's train.log
+    console = p.stdout + p.stderr
+    assert console.count("`Trainer.fit` stopped: `max_steps=30` reached") == 1, console[-3000:]
+    assert "`Trainer.fit` stopped" in (run_dir / "train.log").read_text()
 
 
 # ---- 10. a user plugin from outside the repository ---------------------------------------------------

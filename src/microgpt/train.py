@@ -149,8 +149,26 @@ def build_loggers(cfg: DictConfig) -> list:
     return [_instantiate(c, f"logger.{k}") for k, c in (cfg.get("logger") or {}).items() if c]
 
 
+def _route_lightning_logs() -> None:
+    """Lightning's loggers through Hydra's handlers only: once on the console, and into the run's train.log.
+
+    Lightning gives its loggers their own console handlers when it is imported before logging is configured;
+    under Hydra every message then printed twice. Only when the root logger has handlers (a Hydra run), so
+    in-process callers without logging set up keep Lightning's own output.
+    """
+    if not logging.getLogger().handlers:
+        return
+    import lightning  # noqa: F401  (its first import adds the handlers removed here)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train. Returns {'val_loss', 'best_val_loss', 'best_ckpt', 'last_ckpt', 'output_dir', 'trainer', 'module'}."""
+    _route_lightning_logs()
     out_dir = Path(cfg.paths.output_dir)
     existed = out_dir.is_dir() and any(p.name not in (".hydra", "train.log") for p in out_dir.iterdir())
     state = {"fitting": False}
@@ -246,7 +264,6 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     check_resume(ckpt_path, trainer.strategy)
     if trainer.is_global_zero:
         n = module.model.num_params()
-        log.info("model: %s parameters (%.2fM)", f"{n:,}", n / 1e6)
         print(
             f"model: {n:,} parameters ({n / 1e6:.2f}M), vocab {mcfg.vocab_size}, tokenizer {dm.tokenizer.name}",
             flush=True,
