@@ -474,6 +474,7 @@ def test_default_train_py_on_embedded_data_prints_size_and_sample(tmp_path):
     console = p.stdout + p.stderr
     assert console.count("`Trainer.fit` stopped: `max_steps=30` reached") == 1, console[-3000:]
     assert "`Trainer.fit` stopped" in (run_dir / "train.log").read_text()
+    assert "exists and is not empty" not in console  # the run dir holds Hydra's files by design: no warning
 
 
 # ---- 10. a user plugin from outside the repository ---------------------------------------------------

@@ -20,6 +20,8 @@ def quiet_env() -> None:
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     # Lightning warns on every run of a machine where SLURM is installed but this is not a SLURM job
     warnings.filterwarnings("ignore", message="The `srun` command is available")
+    # the CSV logger writes metrics.csv into the Hydra run dir, which already holds .hydra/ and train.log by design
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 
 
 def exit_on_error(fn: Callable) -> Callable:
