@@ -356,7 +356,8 @@ def test_ddp_inside_a_slurm_multirun_uses_one_output_dir(sweeps, cluster):
     (job,) = s.job_ids()
     logs = sorted((d / ".submitit" / job).glob("*_log.err"))
     assert len(logs) == 2  # srun started one task per device (tasks_per_node = trainer.devices = 2)
-    text = "\n".join(p.read_text() for p in logs)
+    # Lightning logs through Hydra's console handler (stdout) in each task: read both streams of both tasks
+    text = "\n".join(p.read_text() for p in (*logs, *(d / ".submitit" / job).glob("*_log.out")))
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in text and "GLOBAL_RANK: 1, MEMBER: 2/2" in text
     assert _global_step(d / "0" / "checkpoints" / "last.ckpt") == 20
     assert len(_val_losses(d / "0")) == 2
