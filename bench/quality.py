@@ -61,15 +61,7 @@ def one_seed(a, seed: int) -> dict:
     val = torch.from_numpy(dm.val_tokens.astype("int64"))
     out: dict = {"seed": seed}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-        args = [
-            "experiment=shakespeare_baby",
-            f"data.path={a.data}",
-            f"seed={seed}",
-            f"trainer.max_steps={a.steps}",
-            "print_sample=false",
-            f"hydra.run.dir={tmp}",
-        ]
-        r = tp.train_subprocess(args, a.timeout)
+        r = tp.train_subprocess(tp.train_args(a.data, tmp, f"seed={seed}", f"trainer.max_steps={a.steps}"), a.timeout)
         if r["rc"] != 0:
             print(r["tail"], file=sys.stderr)
             raise SystemExit(f"train.py failed for seed {seed} (exit {r['rc']})")

@@ -415,17 +415,21 @@ def train_subprocess(args: list[str], timeout: float) -> dict:
     }
 
 
+def train_args(data: Path, run_dir: str, *overrides: str) -> list[str]:
+    """train.py arguments for experiment=shakespeare_baby on `data`; hydra.run.dir last (commands print args[:-1])."""
+    return [
+        "experiment=shakespeare_baby",
+        f"data.path={data}",
+        *overrides,
+        "print_sample=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
 def full_run(data: Path, precision: str, compiled: bool, timeout: float, seed: int | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp:
-        args = [
-            "experiment=shakespeare_baby",
-            f"data.path={data}",
-            f"trainer.precision={precision}",
-            f"compile={str(compiled).lower()}",
-            *([f"seed={seed}"] if seed is not None else []),
-            "print_sample=false",
-            f"hydra.run.dir={tmp}",
-        ]
+        seed_arg = [f"seed={seed}"] if seed is not None else []
+        args = train_args(data, tmp, f"trainer.precision={precision}", f"compile={str(compiled).lower()}", *seed_arg)
         r = train_subprocess(args, timeout)
         f = Path(tmp) / "metrics.csv"
         rows = list(csv.DictReader(f.open(newline=""))) if f.is_file() else []
@@ -751,15 +755,9 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_rss:
         p, c = configs[0]
         with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
-            rss_args = [
-                "experiment=shakespeare_baby",
-                f"data.path={a.data}",
-                f"trainer.precision={p}",
-                f"compile={str(c).lower()}",
-                f"trainer.max_steps={a.rss_steps}",
-                "print_sample=false",
-                f"hydra.run.dir={tmp}",
-            ]
+            rss_args = train_args(
+                a.data, tmp, f"trainer.precision={p}", f"compile={str(c).lower()}", f"trainer.max_steps={a.rss_steps}"
+            )
             rss = train_subprocess(rss_args, a.timeout)
             rss["command"] = " ".join(["train.py", *rss_args[:-1]])
             if rss["rc"] != 0:
