@@ -380,7 +380,8 @@ def test_an_unresolvable_master_addr_fails_at_once_naming_it():
 
 def test_init_runs_with_the_init_timeout_then_collectives_get_theirs_back(monkeypatch):
     """A real (1-process, gloo) process group through the ddp factory: init sees init_timeout_s, the group
-    afterwards has Lightning's collective timeout (30 min) so slow steps are not cut short."""
+    afterwards has Lightning's collective timeout (30 min) so slow steps are not cut short. Processes that
+    Lightning starts itself (not srun/torchrun) keep Lightning's timeout for init too."""
     from datetime import timedelta
 
     import torch
@@ -396,6 +397,7 @@ def test_init_runs_with_the_init_timeout_then_collectives_get_theirs_back(monkey
         port = sock.getsockname()[1]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("LOCAL_RANK", "0")  # started from outside (as by srun or torchrun): the bound applies
     seen = {}
     real_init = dist.init_process_group
 
@@ -416,6 +418,17 @@ def test_init_runs_with_the_init_timeout_then_collectives_get_theirs_back(monkey
         gloo = c10d._get_default_group()._get_backend(torch.device("cpu"))
         assert gloo.options._timeout == timedelta(minutes=30) == s._timeout
         assert c10d._get_default_store().timeout == timedelta(minutes=30)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    # processes that Lightning starts itself on this machine meet on loopback: Lightning's timeout stays
+    monkeypatch.delenv("LOCAL_RANK")
+    s = strategies.ddp(devices=1, accelerator="cpu", init_timeout_s=7)
+    s.accelerator, s.parallel_devices = CPUAccelerator(), [torch.device("cpu")]
+    s.cluster_environment = LightningEnvironment()
+    try:
+        s.setup_distributed()
+        assert seen["timeout"] == timedelta(minutes=30)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

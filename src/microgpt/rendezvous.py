@@ -4,7 +4,9 @@ Every distributed strategy (`strategy=ddp|fsdp|deepspeed*`) starts by having all
 MASTER_ADDR:MASTER_PORT (under SLURM, Lightning's SLURMEnvironment derives them: the first node of
 SLURM_NODELIST and 15000 + the job id's last 4 digits). Lightning gives that meeting the collective timeout
 (30 min), so a node name that does not resolve or a port nobody can reach used to hang a job for its whole
-time limit. `bound_rendezvous` (applied to every strategy by microgpt.strategies) changes only that step:
+time limit. `bound_rendezvous` (applied to every strategy by microgpt.strategies) changes only that step,
+and only where the processes are started from outside (SLURM's srun, torchrun, by hand on each node: every
+multi-node run); processes that Lightning starts itself on one machine keep Lightning's timeout:
 
 - MASTER_ADDR is resolved first: a name this node cannot resolve fails at once (no waiting);
 - process-group init runs with `init_timeout_s` (trainer.strategy.init_timeout_s, 60 s by default);
@@ -42,10 +44,9 @@ def check_init_timeout(value: Any) -> float:
     return t
 
 
-def _where(rank: int | None, world: int | None) -> str:
+def _where(rank: int, world: int) -> str:
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    who = f"rank {rank} of {world}" if rank is not None and world is not None else "this process"
-    return f"{who} (node {node})"
+    return f"rank {rank} of {world} (node {node})"
 
 
 def _fix(timeout_s: float) -> str:
@@ -103,10 +104,14 @@ def _bounded_setup_distributed(self: Any) -> None:
     import torch.distributed as dist
 
     env = self.cluster_environment
-    rank, world = (env.global_rank(), env.world_size()) if env is not None else (None, None)
+    if env is None or not env.creates_processes_externally:
+        # Lightning starts the other processes itself, on this machine: they meet on loopback, and the wait
+        # is their start-up time (imports), which a loaded machine can stretch past a short bound
+        type(self).setup_distributed(self)
+        return
+    rank, world = env.global_rank(), env.world_size()
     where = _where(rank, world)
-    if env is not None:
-        resolve_master(env.main_address, self.init_timeout_s, where)
+    resolve_master(env.main_address, self.init_timeout_s, where)
     collective = self._timeout
     self._timeout = timedelta(seconds=self.init_timeout_s)
     try:
