@@ -62,7 +62,7 @@ def nodes(cluster) -> list[str]:  # noqa: F811
     if len(up) < 2:
         msg = (
             f"the SLURM cluster has {len(up)} node(s) up ({up}); the multi-node tests need 2: start it with "
-            "`MICROGPT_SLURM_NODES=2 make slurm-up` (as root), see docs/slurm.md"
+            "`MICROGPT_SLURM_NODES=2 make slurm-up` (as root; `make slurm-down` first if one node is up), see docs/slurm.md"
         )
         if os.environ.get("MICROGPT_REQUIRE_SLURM") == "1":
             pytest.fail(msg + " [MICROGPT_REQUIRE_SLURM=1: CI must run these tests]")
