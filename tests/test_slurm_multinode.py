@@ -335,11 +335,12 @@ def test_unreachable_rendezvous_fails_both_nodes_in_one_line_within_the_timeout(
         )
         assert f"within {BAD_TIMEOUT_S} s" in lines[-1] and "trainer.strategy.init_timeout_s" in lines[-1]
         assert "Traceback" not in errf.read_text()
-        # from Lightning's "Initializing distributed" to the error: the timeout plus torch's retry, not 30 min
+        # from Lightning's "Initializing distributed" to the last write to stderr (for task 0 that is srun's
+        # line after both tasks ended): the timeout plus torch's retry and a loaded machine, not Lightning's 30 min
         text = errf.read_text() + (folder / f"{job}_{rank}_log.out").read_text()
         start = next(ln for ln in text.splitlines() if f"GLOBAL_RANK: {rank}, MEMBER" in ln)
         waited = errf.stat().st_mtime - _log_time(start)
-        assert BAD_TIMEOUT_S - 1 <= waited <= BAD_TIMEOUT_S + 30, waited
+        assert BAD_TIMEOUT_S - 1 <= waited <= BAD_TIMEOUT_S + 60, waited
     assert f"could not join the process group at {BAD_ADDR}:" in err  # the multirun reports the job's line
 
 
