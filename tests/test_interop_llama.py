@@ -380,6 +380,29 @@ def test_hub_names_fail_offline_naming_the_local_directory_alternative(monkeypat
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
+def test_train_cli_with_a_hub_name_offline_stops_with_one_error_line(tmp_path, corpus):
+    f = tmp_path / "t.txt"
+    f.write_text(corpus[:5000], encoding="utf-8")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    r = run_cli(
+        [
+            "train.py",
+            "experiment=finetune",
+            "init_from=hf:HuggingFaceTB/SmolLM2-135M",
+            f"data.path={f}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        timeout=240,
+        env=env,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.stderr[-2000:]
+    assert "hf:HuggingFaceTB/SmolLM2-135M" in errors[0] and "init_from=/path/to/SmolLM2-135M" in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 # ---------------------------------------------------------------- out: microgpt -> transformers
 
 

@@ -108,11 +108,23 @@ _TOP = {
 
 
 HUB_PREFIX = "hf:"
-_HUB_FILES = ["config.json", "*.safetensors", SAFETENSORS_INDEX, "vocab.json", "merges.txt", "tokenizer.json"]
+_HUB_FILES = [
+    "config.json",
+    "*.safetensors",
+    SAFETENSORS_INDEX,
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+]
 
 
 def fetch_hub(spec: str) -> Path:
-    """`hf:gpt2` (or `hf:org/name@revision`) -> a local snapshot directory with weights and tokenizer.
+    """`hf:gpt2`, `hf:HuggingFaceTB/SmolLM2-135M` (or `hf:org/name@revision`) -> a local snapshot directory
+    with weights, tokenizer and chat template.
 
     Uses huggingface_hub's cache (offline mode reads only what is cached); never pytorch_model.bin."""
     name = spec[len(HUB_PREFIX) :]
@@ -129,7 +141,7 @@ def fetch_hub(spec: str) -> Path:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"cannot fetch {spec} from the Hugging Face hub ({type(e).__name__}: {first}); without network "
-            "access download the model elsewhere and pass its local directory"
+            f"access download the model elsewhere and pass its local directory instead (e.g. init_from=/path/to/{repo.split('/')[-1]})"
         ) from None
 
 
