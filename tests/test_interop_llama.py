@@ -94,6 +94,8 @@ ARCHS = {
     ),
     # q/k/v biases, one key/value head, tied head, a vocabulary padded past the tokenizer's (as Qwen2 pads)
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(num_key_value_heads=1, tie_word_embeddings=True, vocab_size=V + 16)),
+    # Llama's attention_bias + mlp_bias (biases everywhere: microgpt's bias=true), one key/value head
+    "llama-bias-mqa": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
     # sliding window of 8 over 48-token inputs
     "mistral": (MistralForCausalLM, MistralConfig, dict(num_key_value_heads=2, sliding_window=8)),
 }
@@ -230,6 +232,7 @@ EXPECTED_CONFIG = {
     "llama-gqa-llama3": dict(attention="gqa", n_kv_head=2, tie_embeddings=False, qkv_bias=None, window=None),
     "llama-tied-headdim": dict(attention="mha", n_kv_head=4, tie_embeddings=True, head_dim=24, norm_eps=0.05),
     "qwen2": dict(attention="gqa", n_kv_head=1, tie_embeddings=True, qkv_bias=True, bias=False, vocab_size=V + 16),
+    "llama-bias-mqa": dict(attention="gqa", n_kv_head=1, bias=True, qkv_bias=None),
     "mistral": dict(attention="sliding", window=8, n_kv_head=2, tie_embeddings=False),
 }
 
@@ -291,7 +294,7 @@ def test_tokenizer_special_tokens_and_chat_template_are_transformers_own(hf_dirs
     assert (tok.eos_id, tok.bos_id, tok.pad_id) == (ref.eos_token_id, ref.bos_token_id, ref.pad_token_id)
     assert tok.eos_id == ref.convert_tokens_to_ids("<|im_end|>")
     assert tok.special_tokens["eos_token"] == "<|im_end|>"
-    text = corpus[:2000] + "<|im_start|>user\nhi<|im_end|>"
+    text = corpus[:70_000] + "<|im_start|>user\nhi<|im_end|>"  # > 64K characters: encoded in pieces
     assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
     chat = [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "return x"}]
     rendered = ref.apply_chat_template(chat, tokenize=False)
@@ -310,6 +313,30 @@ def test_tokenizer_special_tokens_and_chat_template_are_transformers_own(hf_dirs
     # tokenizers trained here have none
     bpe = BPETokenizer.fit(corpus[:5000], 300)
     assert (bpe.chat_template, bpe.special_tokens, bpe.eos_id) == (None, {}, None)
+
+
+def test_sentencepiece_style_tokenizer_encodes_long_text_as_transformers_does(tmp_path, corpus):
+    """Llama 2 / TinyLlama tokenizers (Metaspace: a start marker per input) cannot be encoded in pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(
+        [corpus], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    )
+    d = tmp_path / "sp"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"})
+    )
+    from microgpt.data.tokenizers import HFTokenizer
+
+    mine, ref = HFTokenizer.from_dir(d), AutoTokenizer.from_pretrained(str(d))
+    text = corpus[:70_000]
+    assert mine.encode(text) == ref.encode(text, add_special_tokens=False)
+    assert (mine.eos_id, mine.bos_id) == (ref.eos_token_id, ref.bos_token_id) == (2, 1)
 
 
 BAD = {

@@ -219,6 +219,32 @@ def _encode_chunks(text: str, size: int = 1 << 16) -> list[str]:
     return out
 
 
+_PER_CHAR_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Strip", "StripAccents"}
+
+
+def _chunk_safe(tok: Any) -> bool:
+    """Whether encoding newline-cut pieces gives the ids of the whole text (see _encode_chunks): true for
+    byte-level BPEs without a prefix space (GPT-2, SmolLM2, Qwen2); false where each piece would gain a
+    start-of-text marker (Metaspace / Prepend: SentencePiece-style Llama 2 tokenizers) or anything unknown."""
+    spec = json.loads(tok.to_str())
+
+    def kinds(node: Any) -> list[dict]:
+        if not isinstance(node, dict):
+            return []
+        subs = node.get("normalizers") or node.get("pretokenizers") or []
+        return [node] + [k for sub in subs for k in kinds(sub)] if subs else [node]
+
+    norms = [n.get("type") for n in kinds(spec.get("normalizer"))]
+    pres = kinds(spec.get("pre_tokenizer"))
+    byte_level = [p for p in pres if p.get("type") == "ByteLevel"]
+    return (
+        all(n in _PER_CHAR_NORMALIZERS | {"Sequence"} for n in norms)
+        and bool(byte_level)
+        and not any(p.get("add_prefix_space") for p in byte_level)
+        and not any(p.get("type") == "Metaspace" for p in pres)
+    )
+
+
 class _HFBacked(Tokenizer):
     """A tokenizer wrapping a HF `tokenizers.Tokenizer`, stored as its JSON string (with the chat template
     and named special tokens of a pretrained one, when it has them)."""
@@ -228,6 +254,7 @@ class _HFBacked(Tokenizer):
         self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})
+        self._chunk_ok: bool | None = None  # whether encode_array may cut the text (decided on first use)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> _HFBacked:
@@ -247,6 +274,10 @@ class _HFBacked(Tokenizer):
         return None if token is None else self.tok.token_to_id(token)
 
     def encode_array(self, text: str) -> np.ndarray:
+        if self._chunk_ok is None:
+            self._chunk_ok = _chunk_safe(self.tok)
+        if not self._chunk_ok:  # e.g. SentencePiece-style (Llama 2, TinyLlama): one piece, exactly
+            return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
         encs = self.tok.encode_batch(_encode_chunks(text), add_special_tokens=False)
         if not encs:
             return np.zeros(0, dtype=np.int64)
