@@ -501,6 +501,28 @@ def test_models_neither_family_holds_are_refused_naming_both(tmp_path):
     assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
 
 
+def test_rope_scaling_and_qkv_bias_are_model_settings_with_one_line_errors():
+    from microgpt.errors import ConfigError
+    from microgpt.train import model_config
+
+    cfg = model_config(
+        compose(["model.position=rope", "model.rope_scaling={rope_type:linear,factor:2.0}", "model.qkv_bias=true"]), 60
+    )
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0} and cfg.qkv_bias and not cfg.bias
+    m = GPT(cfg)
+    assert m.blocks[0].attn.qkv.bias is not None and m.blocks[0].attn.proj.bias is None
+    base = GPT(GPTConfig(**{**cfg.to_dict(), "rope_scaling": None}))
+    assert torch.allclose(m.pos.inv_freq * 2, base.pos.inv_freq)  # linear: every frequency halved
+    for bad, needle in [
+        ({"rope_type": "yarn", "factor": 4.0}, "type 'yarn' is not implemented; choose one of linear, llama3"),
+        ({"rope_type": "llama3", "factor": 8.0}, "lacks ['low_freq_factor'"),
+        ("linear", "must be a mapping"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            GPTConfig(position="rope", rope_scaling=bad)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------- the SmolLM2-135M preset
 
 

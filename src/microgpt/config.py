@@ -87,6 +87,10 @@ class GPTConfig:
         if self.position == "rope":
             need(self.head_dim % 2 == 0, f"rope needs an even head size, got n_embd/n_head={self.head_dim}")
         if self.rope_scaling is not None:
+            need(
+                isinstance(self.rope_scaling, dict),
+                f"model.rope_scaling must be a mapping or null, got {self.rope_scaling!r}",
+            )
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             required = ROPE_SCALING_KEYS.get(kind)
             need(

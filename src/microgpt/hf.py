@@ -54,6 +54,7 @@ __all__ = [
     "gpt_config_from_hf",
     "hf_export_arch",
     "llama_blockers",
+    "llama_config_from_hf",
     "llama_config_dict",
     "state_dict_from_llama",
     "state_dict_to_llama",
