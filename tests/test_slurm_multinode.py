@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import PY, ROOT, SHAKESPEARE, run_cli
+from conftest import PY, ROOT, run_cli
 from test_slurm import (  # noqa: F401  (cluster: the module's fixture, shared)
     COMMON,
     SWEEP_TIMEOUT,
@@ -115,11 +115,17 @@ def base(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("slurm-multinode")
 
 
+def _small_text(path: Path) -> Path:
+    """~60 KB of the embedded corpus (this Python's standard library source): no download, no ../shared."""
+    from microgpt.data.sources import stdlib_source
+
+    path.write_text(stdlib_source(max_bytes=60_000), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def text(base) -> Path:
-    p = base / "small.txt"
-    p.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
-    return p
+    return _small_text(base / "small.txt")
 
 
 @pytest.fixture(scope="module")
@@ -445,14 +451,15 @@ def test_init_timeout_must_be_positive():
 
 
 @pytest.mark.slow
-def test_a_rank_whose_peers_never_come_fails_in_one_line_within_the_timeout(tmp_path, small_text):
+def test_a_rank_whose_peers_never_come_fails_in_one_line_within_the_timeout(tmp_path):
     """`train.py` as rank 1 of 2 (node rank 1, as on a second machine) whose rank 0 never starts: the shipped
     ddp config with only the timeout shortened; one error line after ~init_timeout_s, not a hang."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "1", "LOCAL_RANK": "0"}
-    args = ["train.py", "model=nano", "data=text", f"data.path={small_text}", "strategy=ddp", "trainer.devices=1"]
+    small = _small_text(tmp_path / "small.txt")
+    args = ["train.py", "model=nano", "data=text", f"data.path={small}", "strategy=ddp", "trainer.devices=1"]
     args += ["trainer.num_nodes=2", "trainer.strategy.init_timeout_s=5", f"hydra.run.dir={tmp_path / 'run'}"]
     p = run_cli(args, timeout=240, env=env)
     end = time.time()
