@@ -131,7 +131,7 @@ def _default_label(p: Path) -> str:
 
 def resolve(entries: list[Entry]) -> None:
     """Check every path before any work (a bad one is a one-line error), and name the models."""
-    from microgpt.checkpoint import resolve_checkpoint
+    from microgpt.io.checkpoint import resolve_checkpoint
 
     for e in entries:
         p = Path(e.path).expanduser()
@@ -155,8 +155,8 @@ def resolve(entries: list[Entry]) -> None:
 
 def load_entry(e: Entry) -> tuple[Any, Any, dict[str, Any]]:
     """(model on CPU in eval mode, tokenizer, checkpoint record: plugins, data, qat artifact beside it)."""
-    from microgpt.checkpoint import model_from_checkpoint, read_checkpoint
     from microgpt.data.tokenizers import tokenizer_from_dict
+    from microgpt.io.checkpoint import model_from_checkpoint, read_checkpoint
     from microgpt.plugins import load_plugin
 
     if e.artifact:
@@ -203,7 +203,7 @@ def _bake(model):
 
 def float_sizes(model, tok, plugins: dict[str, Any], tmp: Path) -> dict[str, int]:
     """Bytes on disk of the fp32 and bf16 exports (`microgpt.export format=safetensors`: weights + microgpt.json)."""
-    from microgpt.export import write_safetensors
+    from microgpt.io.export import write_safetensors
 
     out = {}
     for dtype, key in (("float32", "fp32_bytes"), ("bfloat16", "bf16_bytes")):
@@ -219,8 +219,8 @@ def quantized(model, tok, info: dict[str, Any], tmp: Path) -> tuple[int | None, 
     the qat plugin's quantized.pt when there is one (or converted now for a qat model), otherwise
     `microgpt.export format=int8` (every Linear and the embedding int8 per row). (None, None, None) when
     the model's converters have no quantized form."""
-    from microgpt.checkpoint import load
-    from microgpt.export import write_int8
+    from microgpt.io.checkpoint import load
+    from microgpt.io.export import write_int8
     from microgpt.plugins import load_plugin
 
     plugins = info.get("plugins") or {}
@@ -308,7 +308,7 @@ def _data_config(overrides: list[str]):
 
 def build_report(argv: list[str]) -> dict[str, Any]:
     """Measure every model; returns the report (what report.json holds)."""
-    from microgpt.train import _instantiate
+    from microgpt.training.train import _instantiate
 
     entries, opts, overrides = parse(argv)
     resolve(entries)

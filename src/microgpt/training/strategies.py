@@ -276,8 +276,8 @@ def check_resume(ckpt_path: str | os.PathLike | None, strategy: Any) -> None:
     """
     if ckpt_path is None:
         return
-    from microgpt.consolidate import is_deepspeed_checkpoint, is_distcp_checkpoint
     from microgpt.errors import CheckpointError
+    from microgpt.io.consolidate import is_deepspeed_checkpoint, is_distcp_checkpoint
 
     p = Path(ckpt_path)
     name = type(strategy).__name__

@@ -18,9 +18,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from microgpt.checkpoint import read_checkpoint
 from microgpt.config import GPTConfig
 from microgpt.errors import CheckpointError, ConfigError, MicroGPTError
+from microgpt.io.checkpoint import read_checkpoint
 from microgpt.plugins import load_plugins, plugin_origin
 
 log = logging.getLogger("microgpt")
@@ -107,7 +107,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             return str(max(found, key=lambda c: c.stat().st_mtime))
         log.info("ckpt_path=last: no %s yet, starting from scratch", last)
         return None
-    from microgpt.consolidate import is_sharded_checkpoint
+    from microgpt.io.consolidate import is_sharded_checkpoint
 
     if not (Path(p).is_file() or is_sharded_checkpoint(p)):
         raise CheckpointError(
@@ -184,7 +184,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, Any]:
     import lightning as L
 
-    from microgpt.lit import LitGPT
+    from microgpt.training.lit import LitGPT
 
     plugin_names = list((cfg.get("plugins") or {}).keys())
     mods = load_plugins(plugin_names)
@@ -197,7 +197,7 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     ckpt_path = resolve_ckpt_path(cfg)
     ckpt = None
     if ckpt_path is not None:
-        from microgpt.consolidate import is_sharded_checkpoint, read_meta
+        from microgpt.io.consolidate import is_sharded_checkpoint, read_meta
 
         # a sharded checkpoint's config and tokenizer, without gathering its weights
         ckpt = read_meta(ckpt_path) if is_sharded_checkpoint(ckpt_path) else read_checkpoint(ckpt_path)
@@ -259,7 +259,7 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     if not loggers:  # Lightning refuses an LR monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
-    from microgpt.strategies import check_resume
+    from microgpt.training.strategies import check_resume
 
     check_resume(ckpt_path, trainer.strategy)
     if trainer.is_global_zero:

@@ -26,7 +26,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A .ckpt file; a run directory (its checkpoints/last.ckpt); or a directory that is itself a model:
     an exported microgpt directory (microgpt.json) or a local HF GPT-2 directory (config.json);
     `hf:NAME` fetches an HF GPT-2 from the hub (network access needed, or the hub cache)."""
-    from microgpt.hf import HUB_PREFIX, fetch_hub, is_hf_dir
+    from microgpt.io.hf import HUB_PREFIX, fetch_hub, is_hf_dir
 
     if isinstance(path, str) and path.startswith(HUB_PREFIX):
         return fetch_hub(path)
@@ -98,7 +98,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if p.is_dir():
         if is_export_dir(p):
             return read_export_dir(p)
-        from microgpt.hf import hf_dir_checkpoint
+        from microgpt.io.hf import hf_dir_checkpoint
 
         return hf_dir_checkpoint(p)
     try:

@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from microgpt.checkpoint import EXPORT_META, model_from_checkpoint, read_checkpoint
 from microgpt.cli import CONF_DIR, exit_on_error, quiet_env
 from microgpt.errors import CheckpointError, ConfigError
-from microgpt.hf import gpt2_blockers, hf_config_dict, save_hf_tokenizer, state_dict_to_hf
+from microgpt.io.checkpoint import EXPORT_META, model_from_checkpoint, read_checkpoint
+from microgpt.io.hf import gpt2_blockers, hf_config_dict, save_hf_tokenizer, state_dict_to_hf
 
 FORMATS = ("safetensors", "hf", "int8", "gguf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

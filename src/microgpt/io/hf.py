@@ -405,8 +405,8 @@ def hf_dir_checkpoint(path: str | os.PathLike, tokenizer: bool = True) -> dict[s
 
 def load_hf(path: str | os.PathLike, map_location: str | torch.device = "cpu", tokenizer: bool = True):
     """(model, tokenizer) from a local HF GPT-2 directory; tokenizer is None when not asked for."""
-    from microgpt.checkpoint import model_from_checkpoint
     from microgpt.data.tokenizers import tokenizer_from_dict
+    from microgpt.io.checkpoint import model_from_checkpoint
 
     ckpt = hf_dir_checkpoint(path, tokenizer=tokenizer)
     model = model_from_checkpoint(ckpt).to(map_location).eval()

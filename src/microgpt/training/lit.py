@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from microgpt.config import GPTConfig
 from microgpt.errors import TrainingError
-from microgpt.metrics import LMMetrics
 from microgpt.model import GPT, build_model
+from microgpt.training.metrics import LMMetrics
 
 
 def cross_entropy(module: LitGPT, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -67,7 +67,7 @@ class LitGPT(L.LightningModule):
     def configure_model(self) -> None:
         # Lightning calls this before building optimizers and wrapping for DDP/DeepSpeed/FSDP:
         # sharding (FSDP2 under ModelParallelStrategy) happens here, never after
-        from microgpt.strategies import shard_for_strategy
+        from microgpt.training.strategies import shard_for_strategy
 
         shard_for_strategy(self)
         if self.hparams.compile and self._compiled is None:
