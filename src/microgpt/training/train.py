@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from microgpt.config import GPTConfig
 from microgpt.errors import CheckpointError, ConfigError, MicroGPTError
 from microgpt.io.checkpoint import read_checkpoint
-from microgpt.plugins import load_plugins, plugin_origin
+from microgpt.plugins import Preparer, check_plugins, load_plugins, plugin_origin
 
 log = logging.getLogger("microgpt")
 
@@ -188,9 +188,7 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
 
     plugin_names = list((cfg.get("plugins") or {}).keys())
     mods = load_plugins(plugin_names)
-    for mod in mods.values():
-        if hasattr(mod, "check_config"):
-            mod.check_config(cfg)
+    check_plugins(cfg, mods)
     _check_run_settings(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -271,7 +269,7 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
     for cb in trainer.callbacks:  # plugin callbacks: load teachers, add trainable pieces, check shapes
-        if hasattr(cb, "prepare"):
+        if isinstance(cb, Preparer):
             cb.prepare(module, dm)
     if ckpt is not None:
         del ckpt  # the trainer reads it again itself; don't hold two copies
