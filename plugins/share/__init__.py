@@ -31,7 +31,7 @@ import lightning as L
 import torch
 
 from microgpt.config import GPTConfig
-from microgpt.errors import CheckpointError, ConfigError
+from microgpt.errors import CheckpointError, ConfigError, first_line
 
 __all__ = ["Share", "check_config", "fold_state_dict", "groups", "resolve_n_unique", "share_model"]
 
@@ -150,7 +150,7 @@ def share_model(model, n_unique: Any = 0.5, tie_embeddings: bool = True):
     try:
         new.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"cannot share this model's weights ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"cannot share this model's weights ({first_line(e)})") from None
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     for n, p in new.named_parameters():
         if n in frozen:

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from microgpt.errors import CheckpointError, ConfigError
+from microgpt.errors import CheckpointError, ConfigError, first_line
 
 OPTIONS: dict[str, Any] = {
     "labels": None,
@@ -74,38 +74,24 @@ class Entry:
 # ---- arguments ----------------------------------------------------------------------------------------
 
 
-def _value(s: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(s)
-        except ValueError:
-            pass
-    return {"null": None, "none": None, "true": True, "false": False}.get(s.lower(), s)
-
-
 def parse(argv: list[str]) -> tuple[list[Entry], dict[str, Any], list[str]]:
     """key=value arguments -> (models in order, options, Hydra overrides for the data)."""
+    from microgpt.cli import KeyValueCommand
+
+    command = KeyValueCommand(
+        "python -m microgpt.report", __doc__, OPTIONS, repeatable=("model", "teacher"), overrides=DATA_PREFIXES
+    )
+    args = command.parse(argv)
+    opts, overrides = args.options, args.overrides
+    labels = next((a.partition("=")[2] for a in argv if a.startswith("labels=")), None)
+    opts["labels"] = labels if labels is not None else opts["labels"]  # names stay strings ("1,2")
     entries: list[Entry] = []
-    opts = dict(OPTIONS)
-    overrides: list[str] = []
-    for a in argv:
-        key, eq, val = a.partition("=")
-        if not eq:
-            raise ConfigError(f"arguments are key=value, got {a!r}; see `python -m microgpt.report --help`")
-        if key in ("model", "teacher"):
-            if not val:
-                raise ConfigError(f"{key}= needs a path")
-            if key == "teacher" and any(e.teacher for e in entries):
-                raise ConfigError("teacher= is given twice; mark one model as the teacher")
-            entries.append(Entry(val, teacher=key == "teacher"))
-        elif key in OPTIONS:
-            opts[key] = _value(val) if key != "labels" else val
-        elif key.lstrip("+~").split(".")[0] in DATA_PREFIXES:
-            overrides.append(a)
-        else:
-            raise ConfigError(
-                f"unknown option {key!r}; options: model, teacher, {', '.join(OPTIONS)}, and data.* settings"
-            )
+    for key, val in args.repeated:
+        if not val:
+            raise ConfigError(f"{key}= needs a path")
+        if key == "teacher" and any(e.teacher for e in entries):
+            raise ConfigError("teacher= is given twice; mark one model as the teacher")
+        entries.append(Entry(val, teacher=key == "teacher"))
     if not entries:
         raise ConfigError("nothing to compare: pass model=PATH (several times) and optionally teacher=PATH")
     for k in ("batch_size", "gen_tokens"):
@@ -297,7 +283,7 @@ def _data_config(overrides: list[str]):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="evaluate", overrides=["ckpt=unused", *overrides])
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise ConfigError(f"bad data setting: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError(f"bad data setting: {first_line(e)}") from None
 
 
 def build_report(argv: list[str]) -> dict[str, Any]:
@@ -497,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        parse(argv)  # prints the help and the keys
         return None
     quiet_env()
     report = exit_on_error(build_report)(argv)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from microgpt.config import GPTConfig
-from microgpt.errors import CheckpointError
+from microgpt.errors import CheckpointError, first_line
 from microgpt.model import GPT, build_model
 
 EXPORT_META = "microgpt.json"  # marks a directory written by `python -m microgpt.export` (safetensors / int8)
@@ -68,7 +68,7 @@ def read_export_dir(path: str | os.PathLike) -> dict[str, Any]:
     try:
         sd = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(
             f"weights file {weights} is truncated or corrupt ({first}); export the model again"
         ) from None
@@ -104,7 +104,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(
             f"checkpoint {p} is corrupt or not a microgpt checkpoint ({first}); retrain or pick another file"
         ) from None
@@ -138,7 +138,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not match its model config ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"checkpoint weights do not match its model config ({first_line(e)})") from None
     return model
 
 

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from microgpt.errors import CheckpointError
+from microgpt.cli import KeyValueCommand
+from microgpt.errors import CheckpointError, first_line
 
 USAGE = "usage: python -m microgpt.consolidate ckpt=SHARDED_CHECKPOINT_DIR [out=FILE.ckpt] [trust=false]"
 
@@ -105,7 +106,7 @@ def _consolidate_distcp(path: Path) -> dict[str, Any]:
     try:
         ckpt = _load_distributed_checkpoint(path)  # every shard -> full tensors, plus Lightning's meta.pt
     except Exception as e:
-        raise CheckpointError(f"cannot read the distcp checkpoint {path} ({_first_line(e)})") from None
+        raise CheckpointError(f"cannot read the distcp checkpoint {path} ({first_line(e)})") from None
     # get_optimizer_state_dict's format, state and params keyed by parameter name, which is what
     # optimizer_states holds here for every strategy (see consolidate)
     optimizers = []
@@ -132,7 +133,7 @@ def _ds_load(f: Path, trust: bool) -> dict[str, Any]:
             return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
-            f"{f} holds objects outside the safe allowlist ({_first_line(e)[:200]}); if you wrote this checkpoint "
+            f"{f} holds objects outside the safe allowlist ({first_line(e)[:200]}); if you wrote this checkpoint "
             "yourself, pass trust=true to load it with full pickle"
         ) from None
 
@@ -298,7 +299,7 @@ def consolidate_to_file(path: str | Path, out: str | Path, trust: bool = False) 
         torch.load(buf, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
-            f"the consolidated checkpoint would not load with weights_only ({_first_line(e)})"
+            f"the consolidated checkpoint would not load with weights_only ({first_line(e)})"
         ) from None
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -308,24 +309,14 @@ def consolidate_to_file(path: str | Path, out: str | Path, trust: bool = False) 
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
-def _parse_args(argv: list[str]) -> dict[str, str]:
-    args: dict[str, str] = {}
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(USAGE)
-            sys.exit(0)
-        key, sep, value = a.partition("=")
-        if not sep or key not in ("ckpt", "out", "trust"):
-            raise CheckpointError(f"unknown argument {a!r}; {USAGE}")
-        args[key] = value
-    if not args.get("ckpt"):
-        raise CheckpointError(f"ckpt= is required; {USAGE}")
-    return args
+COMMAND = KeyValueCommand(
+    "python -m microgpt.consolidate",
+    USAGE,
+    {"ckpt": None, "out": None, "trust": "false"},
+    required=("ckpt",),
+    typed=False,
+    error=CheckpointError,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -333,10 +324,10 @@ def main(argv: list[str] | None = None) -> None:
 
     @exit_on_error
     def _main() -> None:
-        args = _parse_args(sys.argv[1:] if argv is None else argv)
+        args = COMMAND.parse(sys.argv[1:] if argv is None else argv).options
         src = _resolve(args["ckpt"])
         out = Path(args.get("out") or src.with_name(src.stem + "-consolidated.ckpt"))
-        trust = args.get("trust", "false").lower() in ("1", "true", "yes")
+        trust = str(args["trust"]).lower() in ("1", "true", "yes")
         written = consolidate_to_file(src, out, trust=trust)
         meta = torch.load(written, map_location="cpu", weights_only=True)
         n = sum(v.numel() for v in meta["state_dict"].values())

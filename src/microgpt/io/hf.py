@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from microgpt.config import GPTConfig
-from microgpt.errors import CheckpointError, ConfigError
+from microgpt.errors import CheckpointError, ConfigError, first_line
 
 __all__ = [
     "HF_TOKENIZER_FILES",
@@ -103,7 +103,7 @@ def fetch_hub(spec: str) -> Path:
     try:
         return Path(snapshot_download(repo, revision=revision or None, allow_patterns=_HUB_FILES))
     except Exception as e:  # offline, unknown repo, network error: all the same to the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(
             f"cannot fetch {spec} from the Hugging Face hub ({type(e).__name__}: {first}); without network "
             "access download the model elsewhere and pass its local directory"
@@ -160,7 +160,7 @@ def _read_safetensors(f: Path, names_only: bool) -> dict[str, torch.Tensor] | li
                 return list(h.keys())
         return load_file(str(f), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(
             f"weights file {f} is truncated or corrupt ({first}); download or export it again"
         ) from None
@@ -170,7 +170,7 @@ def _read_bin(f: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(f, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(
             f"weights file {f} is truncated or corrupt ({first}); download or export it again"
         ) from None
@@ -349,7 +349,7 @@ def load_hf_tokenizer(path: str | os.PathLike, vocab_size: int | None = None):
     except CheckpointError:
         raise
     except Exception as e:  # a JSON error from tokenizers, a malformed merges line, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"the tokenizer files in {p} are damaged ({type(e).__name__}: {first})") from None
     if vocab_size is not None and tok.vocab_size > vocab_size:
         raise CheckpointError(

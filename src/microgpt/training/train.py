@@ -19,27 +19,31 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from microgpt.config import GPTConfig
-from microgpt.errors import CheckpointError, ConfigError, MicroGPTError
+from microgpt.errors import CheckpointError, ConfigError, MicroGPTError, first_line
 from microgpt.io.checkpoint import read_checkpoint
 from microgpt.plugins import Preparer, check_plugins, load_plugins, plugin_origin
 
 log = logging.getLogger("microgpt")
 
 
-def _instantiate(node: Any, what: str, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate with a one-line error naming the config group to fix."""
+def build_from_config(node: Any, what: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate with a one-line error naming the config group to fix (commands and plugins
+    build data modules, trainers, ... with it)."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__ or e
         if isinstance(cause, MicroGPTError):
             raise cause from None
-        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        msg = first_line(cause)
         raise ConfigError(f"cannot build {what}: {msg}; check the `{what}` settings") from None
     except MicroGPTError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot build {what}: {str(e).splitlines()[0]}; check the `{what}` settings") from None
+        raise ConfigError(f"cannot build {what}: {first_line(e)}; check the `{what}` settings") from None
+
+
+_instantiate = build_from_config  # the old private name (tests, evaluate, report)
 
 
 def converter_specs(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -71,7 +75,7 @@ def model_config(cfg: DictConfig, vocab_size: int) -> GPTConfig:
     try:
         typed = OmegaConf.merge(schema, {**raw, "converters": []})
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad model setting: {str(e).splitlines()[0]} (full key: model.{e.key})") from None
+        raise ConfigError(f"bad model setting: {first_line(e)} (full key: model.{e.key})") from None
     d = OmegaConf.to_container(typed)
     d["converters"] = converters
     return GPTConfig.from_dict(d)
