@@ -38,7 +38,6 @@ __all__ = [
     "hf_dir_checkpoint",
     "fetch_hub",
     "is_hf_dir",
-    "load_hf",
     "load_hf_tokenizer",
     "read_hf_weights",
     "save_hf_tokenizer",
@@ -401,17 +400,6 @@ def hf_dir_checkpoint(path: str | os.PathLike, tokenizer: bool = True) -> dict[s
     if tokenizer:
         hp["tokenizer"] = load_hf_tokenizer(p, cfg.vocab_size).to_dict()
     return {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "hyper_parameters": hp, "source": {"hf": str(p)}}
-
-
-def load_hf(path: str | os.PathLike, map_location: str | torch.device = "cpu", tokenizer: bool = True):
-    """(model, tokenizer) from a local HF GPT-2 directory; tokenizer is None when not asked for."""
-    from microgpt.data.tokenizers import tokenizer_from_dict
-    from microgpt.io.checkpoint import model_from_checkpoint
-
-    ckpt = hf_dir_checkpoint(path, tokenizer=tokenizer)
-    model = model_from_checkpoint(ckpt).to(map_location).eval()
-    tok = ckpt["hyper_parameters"].get("tokenizer")
-    return model, (tokenizer_from_dict(tok) if tok is not None else None)
 
 
 # ---- the other way: microgpt -> GPT-2 ------------------------------------------------------------------
