@@ -47,7 +47,7 @@ OPTIONS = {
 
 def parse(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     """key=value options for this command, and the rest (data.*, seed=...) as Hydra overrides."""
-    from microgpt.cli import KeyValueCommand
+    from microgpt.keyvalue import KeyValueCommand
 
     command = KeyValueCommand(
         "python plugins/prune/cli.py", __doc__, OPTIONS, required=("ckpt",), overrides=("data", "paths", "seed")

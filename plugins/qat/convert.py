@@ -20,7 +20,7 @@ KEYS = ("ckpt", "out", "text", "batch_size", "max_batches")
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    from microgpt.cli import KeyValueCommand
+    from microgpt.keyvalue import KeyValueCommand
 
     command = KeyValueCommand(
         "python plugins/qat/convert.py", __doc__, dict.fromkeys(KEYS), required=("ckpt",), typed=False

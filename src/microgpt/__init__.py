@@ -16,6 +16,6 @@ __all__ = ["GPT", "GPTConfig", "build_model", "load", "__version__"]
 
 def load(path, map_location="cpu"):
     """Rebuild (model, tokenizer) from a checkpoint written by train.py; no Hydra needed."""
-    from microgpt.io.checkpoint import load as _load
+    from microgpt.checkpoint import load as _load
 
     return _load(path, map_location)

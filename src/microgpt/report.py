@@ -76,7 +76,7 @@ class Entry:
 
 def parse(argv: list[str]) -> tuple[list[Entry], dict[str, Any], list[str]]:
     """key=value arguments -> (models in order, options, Hydra overrides for the data)."""
-    from microgpt.cli import KeyValueCommand
+    from microgpt.keyvalue import KeyValueCommand
 
     command = KeyValueCommand(
         "python -m microgpt.report", __doc__, OPTIONS, repeatable=("model", "teacher"), overrides=DATA_PREFIXES

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from microgpt.cli import KeyValueCommand
 from microgpt.errors import CheckpointError, first_line
+from microgpt.keyvalue import KeyValueCommand
 
 USAGE = "usage: python -m microgpt.consolidate ckpt=SHARDED_CHECKPOINT_DIR [out=FILE.ckpt] [trust=false]"
 

@@ -27,11 +27,11 @@ from microgpt.training.metrics import LMMetrics
 
 
 def cross_entropy(module: LitGPT, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The default objective: next-token cross-entropy (the logits go along for loss terms, not logged)."""
+    """The default objective: next-token cross-entropy."""
     x, y = batch
     logits = module(x)
     loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-    return {"loss": loss, "logits": logits}
+    return {"loss": loss, "logits": logits}  # the logits go along for loss terms (not logged)
 
 
 def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
@@ -194,17 +194,16 @@ class LitGPT(L.LightningModule):
         self.val_metrics.reset()
 
     def configure_optimizers(self):
-        # weight decay by tensor dimension, as nanoGPT does: every >= 2-D tensor (the matrices, a plugin's
-        # projections included) decays, biases and norm gains don't; the embedding tables (nn.Embedding
-        # weights, found by type, not by name) only with decay_embeddings, as nanoGPT does
+        # weight decay by tensor dimension, as nanoGPT does: every >= 2-D tensor (a plugin's projections too),
+        # not norms or biases, and the embedding tables (nn.Embedding, by type) only with decay_embeddings
         embeddings = {id(m.weight) for m in self.modules() if isinstance(m, torch.nn.Embedding)}
-        decay_embeddings = self.hparams.get("decay_embeddings", False)
         decay, no_decay = [], []
-        for p in self.parameters():  # the model plus any trainable plugin parts, each tensor once
+        for name, p in self.named_parameters():  # the model plus any trainable plugin parts  # noqa: B007
             if not p.requires_grad:
                 continue
-            decays = p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings)
-            (decay if decays else no_decay).append(p)
+            is_embedding = id(p) in embeddings
+            is_matrix = p.dim() >= 2 and (self.hparams.get("decay_embeddings", False) or not is_embedding)
+            (decay if is_matrix else no_decay).append(p)
         factory = self.optimizer_factory
         wd = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
         groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
