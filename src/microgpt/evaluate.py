@@ -45,7 +45,7 @@ def evaluate_model(model, batches: Iterable, bytes_per_token: float, max_batches
 
 def evaluate(cfg: DictConfig) -> dict:
     from microgpt import load
-    from microgpt.training.train import _instantiate
+    from microgpt.train import _instantiate
 
     model, tokenizer = load(cfg.ckpt, map_location=cfg.device)
     dm = _instantiate(cfg.data, "data", tokenizer_obj=tokenizer, block_size=model.config.block_size)
