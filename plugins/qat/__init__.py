@@ -269,15 +269,16 @@ def load_quantized(path: str | os.PathLike):
     import torchao  # noqa: F401  (registers torchao's quantized tensor types as safe for weights_only)
 
     from microgpt.data.tokenizers import tokenizer_from_dict
-    from microgpt.io.checkpoint import import_recorded_plugins
+    from microgpt.io.checkpoint import import_recorded_plugins, safe_load
     from microgpt.model import build_model
 
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"quantized model {path} does not exist; convert a checkpoint first") from None
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a loadable quantized microgpt model ({type(e).__name__})") from None
+    if not Path(path).is_file():
+        raise CheckpointError(f"quantized model {path} does not exist; convert a checkpoint first")
+    blob = safe_load(
+        path,
+        corrupt="{path} is not a loadable quantized microgpt model ({error})",
+        unsafe="{path} is not a loadable quantized microgpt model ({error})",
+    )
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a microgpt quantized model (format {FORMAT})")
     import_recorded_plugins(blob)

@@ -128,14 +128,15 @@ def _ds_load(f: Path, trust: bool) -> dict[str, Any]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    try:
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{f} holds objects outside the safe allowlist ({first_line(e)[:200]}); if you wrote this checkpoint "
-            "yourself, pass trust=true to load it with full pickle"
-        ) from None
+    from microgpt.io.checkpoint import safe_load
+
+    return safe_load(
+        f,
+        corrupt="DeepSpeed checkpoint file {path} is truncated or corrupt ({detail}); save it again",
+        unsafe="{path} holds objects outside the safe allowlist ({detail:.200}); if you wrote this checkpoint "
+        "yourself, pass trust=true to load it with full pickle",
+        allow=[LossScaler, ZeroStageEnum, fragment_address],
+    )
 
 
 def _natural(p: Path) -> list:
@@ -277,16 +278,19 @@ def consolidate(path: str | Path, trust: bool = False) -> dict[str, Any]:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The Lightning part of a sharded checkpoint (hyper_parameters, global_step, ...) without its tensors."""
+    from microgpt.io.checkpoint import safe_load
+
+    corrupt = "sharded checkpoint file {path} is truncated or corrupt ({detail}); resume from another checkpoint"
     p = _resolve(path)
     if is_distcp_checkpoint(p):
         from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-        return torch.load(p / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+        return safe_load(p / _METADATA_FILENAME, corrupt)
     tag = (p / "latest").read_text().strip()
     files = sorted((p / tag).glob("*_model_states.pt"), key=_natural)
     if not files:
         raise CheckpointError(f"{p / tag} has no DeepSpeed model-states file")
-    meta = torch.load(files[0], map_location="cpu", weights_only=True)
+    meta = safe_load(files[0], corrupt)
     return {k: v for k, v in meta.items() if k not in _DEEPSPEED_KEYS}
 
 

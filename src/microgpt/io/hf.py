@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -166,17 +165,13 @@ def _read_safetensors(f: Path, names_only: bool) -> dict[str, torch.Tensor] | li
 
 
 def _read_bin(f: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(f, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = first_line(e)
-        raise CheckpointError(
-            f"weights file {f} is truncated or corrupt ({first}); download or export it again"
-        ) from None
-    except Exception as e:  # pickle.UnpicklingError: something outside the weights-only allowlist
-        raise CheckpointError(
-            f"weights file {f} cannot be loaded safely ({type(e).__name__}); it may hold arbitrary code"
-        ) from None
+    from microgpt.io.checkpoint import safe_load
+
+    sd = safe_load(
+        f,
+        corrupt="weights file {path} is truncated or corrupt ({detail}); download or export it again",
+        unsafe="weights file {path} cannot be loaded safely ({error}); it may hold arbitrary code",
+    )
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
