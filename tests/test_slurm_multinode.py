@@ -373,7 +373,7 @@ def test_two_node_jobs_are_summarised_by_microgpt_sweep(sweeps, env):
 
 
 def test_an_unresolvable_master_addr_fails_at_once_naming_it():
-    from microgpt.rendezvous import RendezvousError, resolve_master
+    from microgpt.training.rendezvous import RendezvousError, resolve_master
 
     t0 = time.monotonic()
     with pytest.raises(RendezvousError) as e:
@@ -397,7 +397,7 @@ def test_init_runs_with_the_init_timeout_then_collectives_get_theirs_back(monkey
     from lightning.pytorch.accelerators import CPUAccelerator
     from torch.distributed import distributed_c10d as c10d
 
-    from microgpt import strategies
+    from microgpt.training import strategies
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -442,8 +442,8 @@ def test_init_runs_with_the_init_timeout_then_collectives_get_theirs_back(monkey
 
 
 def test_init_timeout_must_be_positive():
-    from microgpt import strategies
     from microgpt.errors import ConfigError
+    from microgpt.training import strategies
 
     for bad in (0, -5, "soon", None):
         with pytest.raises(ConfigError, match="trainer.strategy.init_timeout_s must be a number of seconds > 0"):

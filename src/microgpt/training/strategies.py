@@ -9,7 +9,7 @@ returns Lightning's strategy unchanged when it will run on CUDA, and otherwise t
                `fully_shard` on each transformer block, then on the GPT. The same code path on CPU and GPU.
 - deepspeed -> lightning DeepSpeedStrategy on CUDA; CPUDeepSpeedStrategy (gloo, ZeRO 1-3) on the CPU.
 
-Each of them bounds its rendezvous (microgpt.rendezvous): processes that cannot meet fail in one line within
+Each of them bounds its rendezvous (microgpt.training.rendezvous): processes that cannot meet fail in one line within
 `init_timeout_s` (trainer.strategy.init_timeout_s, 60 s) instead of hanging for the job's time limit.
 
 Weight sharing survives every strategy because the model shares *modules*, not Parameters: the tied head
@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
 from microgpt.errors import ConfigError
-from microgpt.rendezvous import DEFAULT_INIT_TIMEOUT_S, bound_rendezvous
+from microgpt.training.rendezvous import DEFAULT_INIT_TIMEOUT_S, bound_rendezvous
 
 # DeepSpeed JIT-compiles its CPU communication helper on first use (~30 s); keep one cache for all runs
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "microgpt" / "torch_extensions"

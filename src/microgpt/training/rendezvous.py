@@ -4,7 +4,7 @@ Every distributed strategy (`strategy=ddp|fsdp|deepspeed*`) starts by having all
 MASTER_ADDR:MASTER_PORT (under SLURM, Lightning's SLURMEnvironment derives them: the first node of
 SLURM_NODELIST and 15000 + the job id's last 4 digits). Lightning gives that meeting the collective timeout
 (30 min), so a node name that does not resolve or a port nobody can reach used to hang a job for its whole
-time limit. `bound_rendezvous` (applied to every strategy by microgpt.strategies) changes only that step,
+time limit. `bound_rendezvous` (applied to every strategy by microgpt.training.strategies) changes only that step,
 and only where the processes are started from outside (SLURM's srun, torchrun, by hand on each node: every
 multi-node run); processes that Lightning starts itself on one machine keep Lightning's timeout:
 
