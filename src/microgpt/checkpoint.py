@@ -101,6 +101,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         from microgpt.hf import hf_dir_checkpoint
 
         return hf_dir_checkpoint(p)
+    if p.name == "quantized.pt" or p.name.endswith(".quantized.pt"):
+        raise CheckpointError(quantized_refusal(p))
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
@@ -117,6 +119,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{p} is not a microgpt checkpoint (no model config or state_dict); pass a .ckpt written by train.py"
         )
     return ckpt
+
+
+def quantized_refusal(path: str | os.PathLike) -> str:
+    """What to say when a qat artifact (quantized.pt) is given where a checkpoint is read."""
+    run = Path(path).parent.parent if Path(path).parent.name == "checkpoints" else Path(path).parent
+    return (
+        f"{path} is the qat plugin's quantized artifact, which only `python -m microgpt.report` reads; "
+        f"pass the run's checkpoint instead (ckpt={run}), or export a quantized model every command reads: "
+        f"python -m microgpt.export ckpt={run} format=int8 out=DIR"
+    )
 
 
 def import_recorded_plugins(hparams: dict[str, Any]) -> None:

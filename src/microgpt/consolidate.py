@@ -340,7 +340,9 @@ def main(argv: list[str] | None = None) -> None:
         written = consolidate_to_file(src, out, trust=trust)
         meta = torch.load(written, map_location="cpu", weights_only=True)
         n = sum(v.numel() for v in meta["state_dict"].values())
-        print(f"consolidated {src} -> {written} (step {meta.get('global_step')}, {n:,} weights)", flush=True)
+        from microgpt.console import consolidate_summary
+
+        print(consolidate_summary(src, written, meta.get("global_step"), n), flush=True)
 
     _main()
 

@@ -34,6 +34,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, doc: str = ""):
         self.kind = kind
         self.doc = doc
+        self.attr: str | None = None  # the module-level name plugins register through (MLP, ATTENTION, ...)
         self._entries: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -49,9 +50,10 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
+            from microgpt.plugin_hints import hint
+
             raise UnknownComponentError(
-                f"unknown {self.kind} '{name}'; choose one of: {', '.join(self.names())}"
-                " (or register your own from a plugin)"
+                f"unknown {self.kind} '{name}'; choose one of: {', '.join(self.names())}{hint(self.attr, name)}"
             ) from None
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> T:
@@ -81,3 +83,7 @@ TOKENIZER: Registry = Registry("tokenizer", "text <-> token ids")
 SOURCE: Registry = Registry("data source", "where the training text comes from")
 # Training objectives: callables (module, batch) -> loss dict; plugins (distill) replace the default.
 OBJECTIVE: Registry = Registry("objective", "training loss")
+
+for _attr, _reg in list(globals().items()):
+    if isinstance(_reg, Registry):
+        _reg.attr = _attr

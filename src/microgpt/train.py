@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from microgpt import console
 from microgpt.checkpoint import read_checkpoint
 from microgpt.config import GPTConfig
 from microgpt.errors import CheckpointError, ConfigError, MicroGPTError
+from microgpt.plugin_hints import model_plugins
 from microgpt.plugins import load_plugins, plugin_origin
 
 log = logging.getLogger("microgpt")
@@ -164,6 +167,7 @@ def _route_lightning_logs() -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    console.route_console()  # third-party chatter to train.log only; log lines never glued to the progress bar
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -187,7 +191,13 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     from microgpt.lit import LitGPT
 
     plugin_names = list((cfg.get("plugins") or {}).keys())
-    mods = load_plugins(plugin_names)
+    try:
+        mods = load_plugins(plugin_names)
+    except (ImportError, SyntaxError) as e:  # a broken plugin: one line, and no half-made run dir (see run())
+        where = f" ({e.filename}:{e.lineno})" if isinstance(e, SyntaxError) else ""
+        raise ConfigError(
+            f"a plugin failed to import: {type(e).__name__}: {e}{where}; fix it or drop it from +plugin="
+        ) from None
     for mod in mods.values():
         if hasattr(mod, "check_config"):
             mod.check_config(cfg)
@@ -236,13 +246,13 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     module = LitGPT(
         model=mcfg.to_dict(),
         optimizer=_instantiate(cfg.optimizer, "optimizer"),
-        warmup_steps=cfg.scheduler.warmup_steps,
+        warmup_steps=console.warmup_steps(cfg.scheduler.warmup_steps, cfg.trainer.max_steps),
         decay_steps=cfg.scheduler.decay_steps,
         min_lr=cfg.scheduler.min_lr,
         tokenizer=dm.tokenizer.to_dict(),
         bytes_per_token=dm.bytes_per_token,
         compile=cfg.compile,
-        plugins=plugin_origin(mods),
+        plugins=plugin_origin(model_plugins(mods, mcfg)),  # only what rebuilding the model needs
         decay_embeddings=cfg.decay_embeddings,
     )
     if init_model is not None:
@@ -263,11 +273,7 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
 
     check_resume(ckpt_path, trainer.strategy)
     if trainer.is_global_zero:
-        n = module.model.num_params()
-        print(
-            f"model: {n:,} parameters ({n / 1e6:.2f}M), vocab {mcfg.vocab_size}, tokenizer {dm.tokenizer.name}",
-            flush=True,
-        )
+        print(console.model_line(module.model, mcfg.vocab_size, dm.tokenizer.name), flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
     for cb in trainer.callbacks:  # plugin callbacks: load teachers, add trainable pieces, check shapes
@@ -280,7 +286,9 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         # CSVLogger starts metrics.csv afresh: keep the log of the steps before this resume
         old_metrics.rename(out_dir / f"metrics.before-{Path(ckpt_path).stem}-{os.getpid()}.csv")
     state["fitting"] = True
+    t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    wall_s = time.perf_counter() - t_fit
 
     ck = trainer.checkpoint_callback
     val = trainer.callback_metrics.get("val_loss")
@@ -295,6 +303,8 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     }
     if cfg.get("print_sample") and trainer.is_global_zero:
         print_sample(module.model, dm.tokenizer, cfg.sample)
+    if trainer.is_global_zero:
+        console.print_summary(console.train_summary(result, wall_s, trainer, dm, dm.bytes_per_token))
     return result
 
 
