@@ -65,11 +65,11 @@ def blocks(data: np.ndarray, block_size: int, batch_size: int) -> Iterator[tuple
             np.asarray(data[s * T : s * T + T + 1], dtype=np.int64) for s in range(b, min(b + batch_size, n_blocks))
         ]
         w = torch.from_numpy(np.stack(rows))
-        yield w[:, :-1], w[:, 1:]
+        yield w[:, :-1].contiguous(), w[:, 1:].contiguous()
     tail = len(data) - 1 - n_blocks * T
     if tail > 0:
         w = torch.from_numpy(np.asarray(data[n_blocks * T :], dtype=np.int64))
-        yield w[None, :-1], w[None, 1:]
+        yield w[None, :-1].contiguous(), w[None, 1:].contiguous()
 
 
 def run_config(ckpt: str) -> DictConfig:

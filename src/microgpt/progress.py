@@ -78,6 +78,7 @@ class StepProgressBar(ProgressBar):
         self._last_draw = 0.0
         self._width = 0
         self.shows_losses = True
+        self._loss: float | None = None
         self.speed = _Throughput()
 
     @property
@@ -116,7 +117,7 @@ class StepProgressBar(ProgressBar):
             width = max(10, min(30, cols - 90))
             done = int(width * min(1.0, step / total))
             parts[0] += f" {'━' * done}{'╺' * (width - done)} {100 * step // total:3d}%"
-        loss = _scalar(m.get("train_loss"))
+        loss = self._loss if self._loss is not None else _scalar(m.get("train_loss"))
         if loss is not None:
             parts.append(f"loss {loss:.3f}")
         val = _scalar(m.get("val_loss"))
@@ -128,6 +129,9 @@ class StepProgressBar(ProgressBar):
         return " | ".join(parts)
 
     def _draw(self, trainer, final: bool = False) -> None:
+        out = getattr(self, "_outputs", None)
+        loss = out.get("loss") if isinstance(out, dict) else out
+        self._loss = _scalar(loss.detach()) if hasattr(loss, "detach") else None
         text = self.line(trainer)
         if self.is_tty:
             cols = shutil.get_terminal_size((100, 24)).columns
@@ -159,6 +163,8 @@ class StepProgressBar(ProgressBar):
         self.speed.update(trainer, batch)
         if not self._enabled or not trainer.is_global_zero:
             return
+        # this step's loss (read only when a line is drawn: training_step has already synced it)
+        self._outputs = outputs
         step, total = trainer.global_step, trainer.max_steps or 0
         final = total > 0 and step >= total
         if self.is_tty:

@@ -41,6 +41,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,7 +467,13 @@ def table(report: dict[str, Any], columns: list[str] | None = None):
     caption = "; ".join(v for k, v in CAPTIONS.items() if k in names) or None
     t = Table(title=title, caption=caption)
     for col in names:
-        t.add_column(col, justify="left" if col in ("model", "q format") else "right", no_wrap=col != "model")
+        wide = col == "model"  # long labels wrap (at most 28 columns); numbers never do
+        t.add_column(
+            col,
+            justify="left" if col in ("model", "q format") else "right",
+            no_wrap=not wide,
+            max_width=28 if wide else None,
+        )
     cells = dict(COLUMNS)
     for r in report["models"]:
         t.add_row(*(cells[c](r) for c in names))
@@ -477,11 +484,11 @@ def fitting_table(report: dict[str, Any], width: int):
     """The table with as many columns (in COLUMNS' order of importance) as fit in `width` characters."""
     from rich.console import Console
 
-    console = Console(width=width, file=io.StringIO())
+    console = Console(width=100_000, file=io.StringIO())  # unclamped: the natural width
     names = [c for c, _ in COLUMNS]
     while len(names) > 2:
         t = table(report, names)
-        if console.measure(t).minimum <= width:
+        if console.measure(t).maximum <= width:  # every column at its natural width: nothing squeezed
             return t, names
         names.pop()
     return table(report, names), names
@@ -497,7 +504,8 @@ def print_table(report: dict[str, Any], file=None) -> None:
     Console(file=file, width=width).print(t)
     dropped = [c for c, _ in COLUMNS if c not in names]
     if dropped:
-        print(f"(narrow terminal: {', '.join(dropped)} left out; all of it is in {report['json']})", file=file)
+        note = f"(narrow terminal: {', '.join(dropped)} left out; all of it is in {report['json']})"
+        print(textwrap.fill(note, width=max(20, width - 1)), file=file)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -101,9 +101,9 @@ def tokenizer_mismatch(tok: Tokenizer, text: str) -> str:
         missing = sorted(set(text) - set(chars))
         shown = ", ".join(repr(c) for c in missing[:8]) + (", ..." if len(missing) > 8 else "")
         return (
-            f"the model's char tokenizer knows {tok.vocab_size} characters and this text has {len(missing)} "
-            f"others ({shown}); remove or replace them in the text, or train a new model with "
-            "data.tokenizer=byte (any text) instead of starting from this checkpoint"
+            f"this text has {len(missing)} character(s) outside the model's char vocabulary of {tok.vocab_size} "
+            f"({shown}), and a checkpoint's tokenizer cannot grow; remove or replace them in the text, or train "
+            "a new model from scratch with data.tokenizer=byte (which encodes any text)"
         )
     return (
         f"the model's {tok.name} tokenizer (vocab {tok.vocab_size}) cannot encode this text; "
