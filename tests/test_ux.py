@@ -185,6 +185,36 @@ def test_train_log_has_the_losses(pipe_run):
     assert "GPU available" in log  # routed to the file, not dropped
 
 
+def test_quiet_keeps_known_chatter_off_and_real_warnings_on():
+    import logging
+    import warnings
+
+    from microgpt.console import quiet
+
+    quiet()
+    assert not logging.getLogger("alembic.runtime.plugins").isEnabledFor(logging.INFO)  # Optuna's storage
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    for name in ("torchao", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addHandler(handler)
+    try:
+        logging.getLogger("torchao").warning(
+            "Skipping import of cpp extensions due to TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1"
+        )
+        logging.getLogger("torchao").warning("a real torchao problem")
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("💡 Tip: For seamless cloud logging ...")
+    finally:
+        for name in ("torchao", "lightning.pytorch.utilities.rank_zero"):
+            logging.getLogger(name).removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["a real torchao problem"]
+    with warnings.catch_warnings(record=True) as caught:
+        quiet()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning, stacklevel=1)
+        warnings.warn("a real problem", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["a real problem"]
+
+
 def test_warmup_as_a_fraction_and_a_warning_when_it_covers_the_run(caplog):
     from microgpt.console import warmup_steps
 
@@ -361,6 +391,8 @@ def test_fine_tuning_a_char_model_on_new_characters_gives_advice_that_applies(tm
         (["-m", "microgpt.evaluate"], ["Score a trained model", "split: null", "data=text data.path=held_out.txt"],
          ["strategy:", "model: micro"]),
         (["-m", "microgpt.export"], ["Write a trained model", "format: safetensors", "Examples"], ["strategy:"]),
+        (["-m", "microgpt.consolidate"], ["Turn a sharded checkpoint", "out    the file", "example:"], []),
+        (["-m", "microgpt.report"], ["Compare models", "speed_repeats", "data.path=held_out.txt"], []),
     ],
 )  # fmt: skip
 def test_help_says_what_a_command_does_with_its_keys_and_an_example(args, must, must_not):

@@ -71,7 +71,7 @@ class _ConsoleFilter(logging.Filter):
         if record.name == progress_log.name and ACTIVE_BAR is not None and ACTIVE_BAR.shows_losses:
             return False
         if ACTIVE_BAR is not None:
-            ACTIVE_BAR.break_line()
+            ACTIVE_BAR.clear_line()  # the message takes the bar's line; the bar comes back below it
         return True
 
 
@@ -144,11 +144,11 @@ def train_summary(result: dict[str, Any], wall_s: float, trainer, datamodule, by
     tokens = steps * _tokens_per_step(trainer, datamodule)
     best = result.get("best_val_loss", math.nan)
     best_ckpt, last_ckpt = result.get("best_ckpt") or "", result.get("last_ckpt") or ""
-    lines = ["", "=== run summary ===", f"run dir:      {result['output_dir']}"]
+    lines = ["", "=== run summary ===", f"run dir:      {_short(result['output_dir'])}"]
     if best_ckpt:
-        lines.append(f"best ckpt:    {best_ckpt}")
+        lines.append(f"best ckpt:    {_short(best_ckpt)}")
     if last_ckpt:
-        lines.append(f"last ckpt:    {last_ckpt}")
+        lines.append(f"last ckpt:    {_short(last_ckpt)}")
     if math.isfinite(best):
         bpb = best / math.log(2) / bytes_per_token if bytes_per_token else math.nan
         lines.append(f"best val:     loss {best:.4f}, {bpb:.3f} bits/byte")

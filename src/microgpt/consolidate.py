@@ -33,6 +33,20 @@ import torch
 from microgpt.errors import CheckpointError
 
 USAGE = "usage: python -m microgpt.consolidate ckpt=SHARDED_CHECKPOINT_DIR [out=FILE.ckpt] [trust=false]"
+HELP = f"""{USAGE}
+
+Turn a sharded checkpoint (strategy=fsdp or deepspeed*: a directory named like a file) into one .ckpt file
+that microgpt.load, generate, evaluate, export and resume all read (torch.load weights_only=True).
+
+keys (default):
+  ckpt   the sharded checkpoint directory, e.g. RUN/checkpoints/last.ckpt (required)
+  out    the file to write (default: next to ckpt, named <ckpt stem>-consolidated.ckpt)
+  trust  false: refuse DeepSpeed files holding objects beyond a small allowlist; true: full pickle, only
+         for files you wrote yourself (default false)
+
+example:
+  python -m microgpt.consolidate ckpt=outputs/DATE/TIME/checkpoints/last.ckpt out=model.ckpt
+"""
 
 # DeepSpeed's own bookkeeping in its model-states file; everything else there is Lightning's checkpoint
 _DEEPSPEED_KEYS = {
@@ -317,7 +331,7 @@ def _parse_args(argv: list[str]) -> dict[str, str]:
     args: dict[str, str] = {}
     for a in argv:
         if a in ("-h", "--help"):
-            print(USAGE)
+            print(HELP)
             sys.exit(0)
         key, sep, value = a.partition("=")
         if not sep or key not in ("ckpt", "out", "trust"):

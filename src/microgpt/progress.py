@@ -103,10 +103,19 @@ class StepProgressBar(ProgressBar):
         return self._enabled
 
     def break_line(self) -> None:
+        """End the bar's line, keeping it (the final state)."""
         if self._open:
             self.stream.write("\n")
             self.stream.flush()
             self._open = False
+
+    def clear_line(self) -> None:
+        """Blank the bar's line so that a message takes its place; the next update redraws the bar below."""
+        if self._open:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._open = False
+            self._width = 0
 
     def line(self, trainer) -> str:
         step, total = trainer.global_step, trainer.max_steps
@@ -154,7 +163,7 @@ class StepProgressBar(ProgressBar):
             self._showwarning = warnings.showwarning
 
             def showwarning(*args, **kwargs):  # a warning starts on a fresh line too
-                self.break_line()
+                self.clear_line()
                 return self._showwarning(*args, **kwargs)
 
             warnings.showwarning = showwarning
@@ -185,7 +194,7 @@ class StepProgressBar(ProgressBar):
         val, bpb = _scalar(m.get("val_loss")), _scalar(m.get("val_bpb"))
         if val is None:
             return
-        self.break_line()
+        self.clear_line()
         text = f"step {trainer.global_step}/{trainer.max_steps}: val_loss {val:.4f}"
         if bpb is not None:
             text += f", {bpb:.3f} bits/byte"
