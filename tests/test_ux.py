@@ -122,10 +122,13 @@ def test_console_on_a_terminal_shows_steps_and_nothing_glued_or_noisy(pty_run):
     # Lightning's stop message on a line of its own: nothing of the bar before it on that line
     stop = [line for line in lines if "`Trainer.fit` stopped" in line]
     assert len(stop) == 1 and "step " not in stop[0].split("`Trainer.fit`")[0], stop
-    # a validation result on its own line
-    assert any(
-        re.fullmatch(rf"step {VAL_EVERY}/{STEPS}: val_loss \d+\.\d{{4}}, \d+\.\d{{3}} bits/byte", x) for x in lines
-    )
+    assert lines[lines.index(stop[0]) - 1].startswith(f"step {STEPS}/{STEPS}: val_loss")  # after the last val line
+    # validation results: each takes the bar's line (the bar is blanked out, then redrawn below)
+    shown = [line.split("\r")[-1] for line in lines]  # what stays visible of each terminal line
+    val = rf"step ({VAL_EVERY}|{STEPS})/{STEPS}: val_loss \d+\.\d{{4}}, \d+\.\d{{3}} bits/byte"
+    assert len([x for x in shown if re.fullmatch(val, x)]) == 2, shown
+    kept = [x for x in shown if x.startswith("step ") and "ETA" in x]
+    assert len(kept) == 1 and kept[0].startswith(f"step {STEPS}/{STEPS} "), kept  # only the final bar stays
     for noise in NOISE:
         assert noise not in out, noise
     # a real warning stays visible: the default 100-step warmup covers this 6-step run
