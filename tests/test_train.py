@@ -170,7 +170,7 @@ def test_first_steps_match_plain_pytorch_loop(tmp_path, small_text, monkeypatch)
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shakespeare) -> dict:
-    """60 nano steps on tiny Shakespeare, evaluated every 10 steps (shared by the checkpoint/CLI tests)."""
+    """60 nano steps on the tiny Shakespeare fixture, evaluated every 10 steps (shared by the checkpoint/CLI tests)."""
     out = tmp_path_factory.mktemp("trained") / "run"
     cfg = compose(
         nano(shakespeare, "trainer.max_steps=60", "trainer.val_check_interval=10", "data.eval_batches=5"), out
@@ -286,7 +286,7 @@ def test_load_gives_eval_model_and_tokenizer_matching_the_live_module(trained):
     with torch.no_grad():
         logits = model(torch.tensor([ids]))
     assert logits.shape == (1, 6, model.config.vocab_size)
-    assert model.config.vocab_size == 65  # tiny Shakespeare's distinct characters
+    assert model.config.vocab_size == 63  # the Shakespeare fixture's distinct characters (tests/fixtures/README.md)
 
     live = trained["module"].model
     live.eval()
@@ -357,7 +357,7 @@ def test_generate_cli_greedy_matches_in_process_and_seeds_are_reproducible(train
 
 
 def test_evaluate_cli_matches_an_independent_loop_over_the_val_split(trained, shakespeare, small_text, tmp_path):
-    ckpt = trained["last_ckpt"]  # trained on all of tiny Shakespeare, evaluated on the val split of its first 60 KB
+    ckpt = trained["last_ckpt"]  # trained on the whole fixture, evaluated on the val split of its first 60 KB
     p = run_cli(["-m", "microgpt.evaluate", f"ckpt={ckpt}", "data=text", f"data.path={small_text}"], 300, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
