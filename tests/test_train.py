@@ -524,12 +524,18 @@ def test_user_plugin_from_a_temporary_folder_trains_and_reloads(tmp_path, small_
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
 
-    # a fresh process, no plugin path: load() re-imports the plugin from where the checkpoint says it was
+    # a fresh process without the plugin on its path: the checkpoint names the plugin but never chooses its
+    # code, so loading stops with one line saying where it was and how to make it available
     code = (
         "import sys, microgpt; m, _ = microgpt.load(sys.argv[1]); a = m.layer(0).attn; "
         "print(type(a).__module__, type(a).__name__, m.config.attention, float(a.gain))"
     )
     q = run_cli(["-c", code, str(ckpt)], 300, tmp_path, env={"MICROGPT_PLUGIN_PATH": ""})
+    assert q.returncode != 0
+    err = q.stderr.strip().splitlines()[-1]
+    assert "plugin 'myattn'" in err and str(tmp_path / "myplugins") in err and "MICROGPT_PLUGIN_PATH" in err, err
+    # with the user's plugin path set, load() imports it by name
+    q = run_cli(["-c", code, str(ckpt)], 300, tmp_path, env={"MICROGPT_PLUGIN_PATH": str(tmp_path / "myplugins")})
     assert q.returncode == 0, q.stderr[-2000:]
     module, cls, name, gain = q.stdout.split()
     assert (module, cls, name) == ("microgpt_plugins.myattn", "GainAttention", "myattn")

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from microgpt.config import GPTConfig
-from microgpt.errors import CheckpointError
-from microgpt.model import GPT, build_model
+from microgpt.errors import CheckpointError, ConfigError
+from microgpt.model import GPT
+from microgpt.safety import build_model_from_weights
 
 EXPORT_META = "microgpt.json"  # marks a directory written by `python -m microgpt.export` (safetensors / int8)
 
@@ -120,26 +121,38 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def import_recorded_plugins(hparams: dict[str, Any]) -> None:
-    """Import the plugins a checkpoint was trained with: they may register its components/converters."""
-    plugins = hparams.get("plugins") or {}
-    if plugins:
-        from microgpt.plugins import load_plugin
+    """Import the plugins a checkpoint was trained with: they may register its components/converters.
 
-        for name, where in plugins.items():
-            load_plugin(name, extra_dirs=[where] if where and Path(where).is_dir() else None)
+    By name only, from the user's own plugin path ($MICROGPT_PLUGIN_PATH, ./plugins, the shipped ones):
+    a checkpoint never chooses which code runs. The folder it recorded only goes into the error message.
+    """
+    plugins = hparams.get("plugins") or {}
+    if not plugins:
+        return
+    from microgpt.plugins import load_plugin, plugin_dirs
+
+    for name, where in plugins.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise CheckpointError(f"checkpoint records an invalid plugin name {name!r}; the file is damaged or forged")
+        try:
+            load_plugin(name)
+        except ConfigError:
+            recorded = f" (recorded at {where})" if where else ""
+            raise CheckpointError(
+                f"the checkpoint needs plugin '{name}'{recorded}, which is not on this plugin path "
+                f"({os.pathsep.join(plugin_dirs())}); if you trust that code, set MICROGPT_PLUGIN_PATH to the "
+                f"folder that holds {name}/"
+            ) from None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
     hp = ckpt["hyper_parameters"]
     import_recorded_plugins(hp)
-    model = build_model(GPTConfig.from_dict(dict(hp["model"])))
     prefix = "model."
     sd = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not match its model config ({str(e).splitlines()[0]})") from None
-    return model
+    # the config is checked against the tensors before anything is allocated, then the model is built on
+    # `meta` and takes the checkpoint's tensors (microgpt.safety)
+    return build_model_from_weights(GPTConfig.from_dict(dict(hp["model"])), sd)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu"):

@@ -195,6 +195,10 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is not None:  # DeepSpeed / distcp directories: every pickled part checked before they load it
+        from microgpt.safety import check_sharded_checkpoint
+
+        check_sharded_checkpoint(ckpt_path, trust=bool(cfg.get("trust_checkpoint", False)))
     ckpt = None
     if ckpt_path is not None:
         from microgpt.consolidate import is_sharded_checkpoint, read_meta
