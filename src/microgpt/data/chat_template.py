@@ -83,8 +83,10 @@ class ChatTokenizer(Tokenizer):
     def encode_array(self, text: str) -> np.ndarray:
         return self.base.encode_array(text)  # content only: specials come from token_to_id, never from text
 
-    def token_to_id(self, token: str) -> int | None:
-        return self.special_ids.get(token)
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.special_ids.get(token)
+
+    token_to_id = token_id
 
     def decode(self, ids: Sequence[int] | Any) -> str:
         out, run = [], []
@@ -110,11 +112,7 @@ class ChatTokenizer(Tokenizer):
 
 
 def _special_id(tok: Tokenizer, token: str) -> int | None:
-    if isinstance(tok, ChatTokenizer):
-        return tok.token_to_id(token)
-    if isinstance(tok, _HFBacked):
-        return tok.tok.token_to_id(token)
-    return None
+    return tok.token_id(token)
 
 
 def with_chat_tokens(tok: Tokenizer, specials: Sequence[str] = tuple(CHAT_TOKENS.values())) -> Tokenizer:
@@ -130,7 +128,7 @@ def with_chat_tokens(tok: Tokenizer, specials: Sequence[str] = tuple(CHAT_TOKENS
         hf = HFTok.from_str(tok.tok.to_str())  # a copy: the caller's tokenizer is left as it was
         hf.add_special_tokens(missing)
         new = copy.copy(tok)
-        _HFBacked.__init__(new, hf)
+        _HFBacked.__init__(new, hf, tok.chat_template, tok.special_tokens)
         return new
     return ChatTokenizer(tok, missing)
 
@@ -257,7 +255,12 @@ class ChatFormat:
 
     def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
         try:
-            return self._jinja.render(messages=list(messages), add_generation_prompt=add_generation_prompt)
+            return self._jinja.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                raise_exception=_raise,
+                **dict(getattr(self.tok, "special_tokens", None) or {}),
+            )
         except Exception as e:  # a template error is a property of the tokenizer we were given
             raise DataError(f"the tokenizer's chat_template failed to render ({type(e).__name__}: {e})") from None
 
@@ -290,9 +293,14 @@ class ChatFormat:
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "PROBE"}]
         tail = self._render(probe, False).split("PROBE", 1)[-1]
         ids = self._encode_rendered(tail.strip()) if tail.strip() else []
-        if not ids:
+        eos = getattr(self.tok, "eos_id", None)
+        if not ids and eos is None:
             raise DataError("the tokenizer's chat_template ends an assistant turn with nothing; cannot stop replies")
-        return {ids[0]}
+        return set(ids[:1]) | ({eos} if eos is not None else set())
+
+
+def _raise(message: str):
+    raise ValueError(message)
 
 
 def _compile_jinja(template: str):
