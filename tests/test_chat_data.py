@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from conftest import compose, run_cli
 
 import microgpt
-import microgpt.train as train_mod
+import microgpt.training.train as train_mod
 from microgpt.config import GPTConfig
 from microgpt.data.chat import ChatDataModule, collate, encode_examples, read_chat_jsonl
 from microgpt.data.chat_template import CHAT_TOKENS, IGNORE_INDEX, ChatFormat, ChatTokenizer, with_chat_tokens
 from microgpt.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, HFTokenizer, tokenizer_from_dict
 from microgpt.errors import DataError
-from microgpt.lit import LitGPT, cross_entropy
+from microgpt.training.lit import LitGPT, cross_entropy
 from microgpt.model import GPT
 
 U, A, S, E = CHAT_TOKENS["user"], CHAT_TOKENS["assistant"], CHAT_TOKENS["system"], CHAT_TOKENS["end"]
