@@ -20,8 +20,8 @@ from microgpt.data.chat import ChatDataModule, collate, encode_examples, read_ch
 from microgpt.data.chat_template import CHAT_TOKENS, IGNORE_INDEX, ChatFormat, ChatTokenizer, with_chat_tokens
 from microgpt.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, HFTokenizer, tokenizer_from_dict
 from microgpt.errors import DataError
-from microgpt.training.lit import LitGPT, cross_entropy
 from microgpt.model import GPT
+from microgpt.training.lit import LitGPT, cross_entropy
 
 U, A, S, E = CHAT_TOKENS["user"], CHAT_TOKENS["assistant"], CHAT_TOKENS["system"], CHAT_TOKENS["end"]
 

@@ -157,7 +157,8 @@ def test_cli_build_then_score_prints_one_json_line(tmp_path):
     [
         (["build", "input=/nonexistent/play.txt", "out={out}"], "does not exist"),
         (["build", f"input={PLAY}", "out={out}", "top_n=4"], "3 speakers with 2+ speeches, fewer than top_n=4"),
-        (["build", f"input={PLAY}", "out={out}", "colour=red"], "takes key=value arguments"),
+        (["build", f"input={PLAY}", "out={out}", "colour=red"], "unknown option 'colour'"),
+        (["build", f"input={PLAY}"], "out=PATH is required"),
         (["score", "ckpt=x.ckpt", "task={out}"], "is not a task directory"),
         (["frobnicate"], "unknown command"),
     ],

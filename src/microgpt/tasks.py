@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -33,10 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from microgpt.errors import ConfigError, DataError, MicroGPTError
+from microgpt.keyvalue import KeyValueCommand
 
 TASK_FILE = "task.json"
-_BUILD_KEYS = {"input", "out", "top_n", "test_fraction", "split", "seed", "max_chars", "min_chars"}
-_SCORE_KEYS = {"ckpt", "task", "split", "limit", "device", "batch_size"}
 
 
 # ---- building -------------------------------------------------------------------------------------------
@@ -291,45 +289,42 @@ def score(
 # ---- command line ---------------------------------------------------------------------------------------
 
 
-def _parse(args: list[str], allowed: set[str], cmd: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for a in args:
-        key, eq, value = a.partition("=")
-        if not eq or key not in allowed:
-            raise ConfigError(f"`{cmd}` takes key=value arguments among {', '.join(sorted(allowed))}; got {a!r}")
-        if value.lower() in ("null", "none"):
-            out[key] = None
-            continue
-        try:
-            out[key] = int(value)
-        except ValueError:
-            try:
-                out[key] = float(value)
-            except ValueError:
-                out[key] = value
-        if isinstance(out[key], float) and not math.isfinite(out[key]):
-            raise ConfigError(f"{key} must be a finite number, got {value}")
-    return out
-
-
-USAGE = (
-    "usage: python -m microgpt.tasks build input=PLAY.txt out=DIR [top_n=8 test_fraction=0.2 split=tail|random seed=0 "
-    "max_chars=N min_chars=1]\n       python -m microgpt.tasks score ckpt=CKPT task=DIR [split=test limit=N device=cpu]"
+BUILD = KeyValueCommand(
+    prog="python -m microgpt.tasks build",
+    help="Build the speaker-attribution task from a play in 'SPEAKER:\\nspeech\\n\\n' form (tiny Shakespeare):\n"
+    "  python -m microgpt.tasks build input=PLAY.txt out=DIR [top_n=8 test_fraction=0.2 split=tail|random seed=0]\n"
+    "Writes DIR/train.jsonl, DIR/test.jsonl and DIR/task.json (labels, counts, majority baseline).",
+    options={
+        "input": None,
+        "out": None,
+        "top_n": 8,
+        "test_fraction": 0.2,
+        "split": "tail",
+        "seed": 0,
+        "max_chars": None,
+        "min_chars": 1,
+    },
+    required=("input", "out"),
 )
+SCORE = KeyValueCommand(
+    prog="python -m microgpt.tasks score",
+    help="Score a checkpoint on a task built by `build`; prints one JSON line (exact_match, ll_accuracy,\n"
+    "majority_baseline, ...):\n  python -m microgpt.tasks score ckpt=RUN_OR_CKPT task=DIR [split=test limit=N device=cpu]",
+    options={"ckpt": None, "task": None, "split": "test", "limit": None, "device": "cpu", "batch_size": 16},
+    required=("ckpt", "task"),
+)
+USAGE = "usage: python -m microgpt.tasks build|score key=value ... (see `python -m microgpt.tasks build --help`)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(__doc__ if argv else USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     try:
         if cmd == "build":
-            kw = _parse(rest, _BUILD_KEYS, cmd)
-            for need in ("input", "out"):
-                if need not in kw:
-                    raise ConfigError(f"`build` needs {need}=...; {USAGE.splitlines()[0][7:]}")
+            kw = BUILD.parse(rest).options
             kw["input"], kw["out"] = str(kw["input"]), str(kw["out"])
             meta = build_speaker_task(**kw)
             print(
@@ -340,16 +335,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(json.dumps(meta, ensure_ascii=False))
         elif cmd == "score":
-            kw = _parse(rest, _SCORE_KEYS, cmd)
-            for need in ("ckpt", "task"):
-                if need not in kw:
-                    raise ConfigError(
-                        f"`score` needs {need}=...; usage: python -m microgpt.tasks score ckpt=CKPT task=DIR"
-                    )
-            kw["ckpt"], kw["task"] = str(kw["ckpt"]), str(kw["task"])
+            kw = SCORE.parse(rest).options
+            kw["ckpt"], kw["task"], kw["split"] = str(kw["ckpt"]), str(kw["task"]), str(kw["split"])
             print(json.dumps(score(**kw), ensure_ascii=False), flush=True)
         else:
-            raise ConfigError(f"unknown command {cmd!r}; use `build` or `score`")
+            raise ConfigError(
+                f"unknown command {cmd!r}; use `build` or `score` (see `python -m microgpt.tasks --help`)"
+            )
     except MicroGPTError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
