@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,7 +45,10 @@ def safe_load(
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(corrupt.format(path=path, error=type(e).__name__, detail=first_line(e))) from None
     except Exception as e:  # pickle.UnpicklingError for anything outside the weights-only allowlist
-        raise CheckpointError(unsafe.format(path=path, error=type(e).__name__, detail=first_line(e))) from None
+        # name the class the file wanted to import (torch's message says it further down)
+        m = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"global '([\w.]+)'", str(e))
+        detail = f"it references {m.group(1)}" if m else first_line(e)
+        raise CheckpointError(unsafe.format(path=path, error=type(e).__name__, detail=detail)) from None
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:
