@@ -158,7 +158,10 @@ def test_lora_trains_only_adapters_and_writes_a_small_adapter(tuned, base, lora)
     for k, v in sd.items():
         if not k.split(".")[-1].startswith("lora_"):
             assert torch.equal(v, base_sd[k.replace(".base.", ".")]), k
-    assert any(not torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B)) for layer in lora.lora_layers(module.model).values())
+    assert any(
+        not torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))
+        for layer in lora.lora_layers(module.model).values()
+    )
     # the adapter-only checkpoint: the adapter tensors only, a few kilobytes, and where its base is
     from safetensors.torch import load_file
 
@@ -200,7 +203,10 @@ def test_adapter_refuses_a_base_it_was_not_trained_on(tuned, tmp_path):
 
     hp = read_checkpoint(tuned["last_ckpt"])["hyper_parameters"]
     torch.save(
-        {"state_dict": {f"model.{k}": v for k, v in other.state_dict().items()}, "hyper_parameters": {**hp, "model": other.config.to_dict()}},
+        {
+            "state_dict": {f"model.{k}": v for k, v in other.state_dict().items()},
+            "hyper_parameters": {**hp, "model": other.config.to_dict()},
+        },
         tmp_path / "other.ckpt",
     )
     with pytest.raises(CheckpointError, match="not the base model adapter .* was trained on"):
@@ -239,7 +245,9 @@ def test_merge_cli_gives_a_plain_model_every_export_accepts(tuned, tmp_path):
 def test_lora_with_every_default_on(base, task, tmp_path, capsys, lora):
     """The shipped defaults (print_sample, progress bar, model summary, CSV logger, dropout 0.05)."""
     out = tmp_path / "run"
-    res = run(compose(["model=nano", *task, "trainer.max_steps=30", f"init_from={base}", "+plugin=lora"], output_dir=out))
+    res = run(
+        compose(["model=nano", *task, "trainer.max_steps=30", f"init_from={base}", "+plugin=lora"], output_dir=out)
+    )
     printed = capsys.readouterr().out
     assert "--- sample ---" in printed and "lora: training" in printed and "lora: wrote" in printed
     assert _losses(out)[-1] < _losses(out)[0]
@@ -252,10 +260,10 @@ def test_lora_with_every_default_on(base, task, tmp_path, capsys, lora):
 
 def test_dora_on_an_hf_gpt2_directory(tmp_path, task, lora):
     """init_from an HF GPT-2 dir (built by transformers), DoRA with trainable biases: trains, reloads."""
-    from tests.test_interop import EOT, train_bpe
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from microgpt.data.sources import stdlib_source
+    from tests.test_interop import EOT, train_bpe
 
     d = tmp_path / "gpt2"
     text = stdlib_source(max_bytes=60_000)
@@ -294,9 +302,18 @@ def test_lora_on_a_qat_base_trains_float_adapters_over_a_frozen_fake_quantized_b
 
 
 def test_lora_distilled_from_a_fully_fine_tuned_teacher(base, task, tmp_path):
-    teacher = run(compose([*FAST, *task, "trainer.max_steps=30", f"init_from={base}", *QUIET], output_dir=tmp_path / "full"))
+    teacher = run(
+        compose([*FAST, *task, "trainer.max_steps=30", f"init_from={base}", *QUIET], output_dir=tmp_path / "full")
+    )
     out = tmp_path / "run"
-    over = [*FAST, *task, *TUNE, f"init_from={base}", "+plugin=[lora,distill]", f"plugins.distill.teacher={teacher['last_ckpt']}"]
+    over = [
+        *FAST,
+        *task,
+        *TUNE,
+        f"init_from={base}",
+        "+plugin=[lora,distill]",
+        f"plugins.distill.teacher={teacher['last_ckpt']}",
+    ]
     res = run(compose([*over, *QUIET], output_dir=out))
     assert _went_down(_losses(out, "train_ce")) and _went_down(_losses(out, "train_kd"), 0.01)
     opt = res["module"].trainer.optimizers[0]
@@ -306,17 +323,34 @@ def test_lora_distilled_from_a_fully_fine_tuned_teacher(base, task, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["+plugin=[lora,prune]"], "plugins 'lora' and 'prune' cannot be combined"),
-        (["+plugin=lora", "init_from=null"], "plugins.lora adapts a trained model: set init_from=PATH"),
-        (["+plugin=lora", "strategy=fsdp"], "plugins.lora supports strategy=auto or ddp"),
-        (["+plugin=lora", "plugins.lora.rank=-1"], "plugins.lora.rank must be a positive integer"),
+        (["init_from=null"], "plugins.lora adapts a trained model: set init_from=PATH"),
+        (["strategy=fsdp"], "plugins.lora supports strategy=auto or ddp"),
+        (["strategy=deepspeed"], "plugins.lora supports strategy=auto or ddp"),
+        (["plugins.lora.rank=-1"], "plugins.lora.rank must be a positive integer"),
+        (["plugins.lora.targets=[qkv,nope]"], "plugins.lora.targets ['nope'] match no Linear"),
     ],
 )
-def test_combinations_that_cannot_work_are_refused_in_one_line(base, tmp_path, extra, message):
-    args = ["train.py", "model=nano", *DATA, f"init_from={base}", f"hydra.run.dir={tmp_path / 'run'}", *extra]
+def test_settings_that_cannot_work_are_refused_before_training(base, tmp_path, extra, message):
+    cfg = compose(
+        ["model=nano", *DATA, f"init_from={base}", "+plugin=lora", *QUIET, *extra], output_dir=tmp_path / "run"
+    )
+    with pytest.raises(ConfigError) as e:
+        run(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()  # no half-made run directory
+
+
+def test_lora_with_prune_is_refused_in_one_line_by_the_cli(base, tmp_path):
+    args = [
+        "train.py",
+        "model=nano",
+        *DATA,
+        f"init_from={base}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "+plugin=[lora,prune]",
+    ]
     p = run_cli(args, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     lines = p.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message in lines[-1], p.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: plugins 'lora' and 'prune' cannot be combined"), p.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
-

@@ -107,7 +107,6 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, dora={self.dora}"
 
-
     def _plain_keys_to_base(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         """A plain model's `<prefix>weight` / `<prefix>bias` load into `<prefix>base.weight` / `.bias`; loading
         plain base weights into a DoRA layer starts its magnitude at their row norms (the adapted model then
@@ -160,7 +159,12 @@ def trainable_names(
     model: nn.Module, train_norms: bool = False, train_biases: bool = False, train_embeddings: bool = False
 ) -> list[str]:
     """The parameters a LoRA run trains (and its adapter file holds): the adapters, plus the chosen extras."""
-    norms = {f"{n}.{p}" for n, m in model.named_modules() if "norm" in n.split(".")[-1] for p, _ in m.named_parameters(recurse=False)}
+    norms = {
+        f"{n}.{p}"
+        for n, m in model.named_modules()
+        if "norm" in n.split(".")[-1]
+        for p, _ in m.named_parameters(recurse=False)
+    }
     out = []
     for name, _ in model.named_parameters():
         leaf = name.split(".")[-1]
@@ -247,7 +251,9 @@ def merge(model: nn.Module) -> nn.Module:
     if not layers:
         raise ConfigError("the model has no LoRA adapters to merge")
     cfg = model.config.to_dict()
-    plain = build_model(GPTConfig.from_dict({**cfg, "converters": [c for c in cfg["converters"] if c["name"] != "lora"]}))
+    plain = build_model(
+        GPTConfig.from_dict({**cfg, "converters": [c for c in cfg["converters"] if c["name"] != "lora"]})
+    )
     sd = {}
     for k, v in model.state_dict().items():
         if k.split(".")[-1].startswith("lora_"):
@@ -341,7 +347,9 @@ def read_adapter(meta_path: str | Path, base: str | None = None) -> dict[str, An
         raise CheckpointError(f"{meta_path} is not a microgpt LoRA adapter (format {FORMAT})")
     base = base or meta.get("base")
     if not base:
-        raise CheckpointError(f"adapter {meta_path} records no base model; pass base=PATH (the model it was trained on)")
+        raise CheckpointError(
+            f"adapter {meta_path} records no base model; pass base=PATH (the model it was trained on)"
+        )
     if not str(base).startswith("hf:") and not Path(base).expanduser().exists():
         raise CheckpointError(
             f"the base model {base} of adapter {meta_path.parent} does not exist; pass base=PATH "
@@ -364,7 +372,11 @@ def read_adapter(meta_path: str | Path, base: str | None = None) -> dict[str, An
     plugins = {**(hp.get("plugins") or {}), **(meta.get("plugins") or {})}
     return {
         "state_dict": sd,
-        "hyper_parameters": {"model": model_cfg, "tokenizer": meta.get("tokenizer") or hp.get("tokenizer"), "plugins": plugins},
+        "hyper_parameters": {
+            "model": model_cfg,
+            "tokenizer": meta.get("tokenizer") or hp.get("tokenizer"),
+            "plugins": plugins,
+        },
         "source": {"adapter": str(meta_path), "base": str(base)},
     }
 
@@ -387,7 +399,9 @@ def check_config(cfg) -> None:
     p = cfg.plugins.lora
     _check_options(p.rank, p.alpha, p.dropout, list(p.targets) if not isinstance(p.targets, str) else p.targets)
     if not (cfg.model.get("converters") or {}).get("lora"):
-        raise ConfigError("plugins.lora is set but model.converters.lora is missing; enable the plugin with +plugin=lora")
+        raise ConfigError(
+            "plugins.lora is set but model.converters.lora is missing; enable the plugin with +plugin=lora"
+        )
     if not (cfg.get("callbacks") or {}).get("lora"):
         raise ConfigError("plugins.lora needs callbacks.lora (it freezes the base and writes the adapter)")
     if not cfg.get("init_from"):

@@ -74,7 +74,9 @@ def merge_checkpoint(ckpt: str, out: str, base: str | None = None, overwrite: bo
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(sys.argv[1:] if argv is None else argv)
-    report = merge_checkpoint(args["ckpt"], args["out"], args.get("base"), args.get("overwrite", "false").lower() == "true")
+    report = merge_checkpoint(
+        args["ckpt"], args["out"], args.get("base"), args.get("overwrite", "false").lower() == "true"
+    )
     print(json.dumps(report), flush=True)
     return report
 
