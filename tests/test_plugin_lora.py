@@ -354,3 +354,28 @@ def test_lora_with_prune_is_refused_in_one_line_by_the_cli(base, tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: plugins 'lora' and 'prune' cannot be combined"), p.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_rows_of_tokens_the_base_lacks_train_and_merge(lora):
+    """data=chat grows the vocabulary: the new rows are adapter parameters, the base rows stay frozen."""
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=61, n_layer=1, n_head=2, n_embd=32, block_size=32))
+    grown = GPT(GPTConfig.from_dict({**base.config.to_dict(), "vocab_size": 64}))
+    sd = base.state_dict()
+    sd["wte.weight"] = torch.cat([sd["wte.weight"], torch.randn(3, 32)])
+    grown.load_state_dict(sd)
+    spec = {"name": "lora", "rank": 2, "base_vocab": 61}
+    adapted = build_model(GPTConfig.from_dict({**grown.config.to_dict(), "converters": [spec]}))
+    adapted.load_state_dict(grown.state_dict(), strict=False)  # a plain 64-row table splits into base + new rows
+    x = torch.tensor([[1, 2, 61, 62, 63, 5]])
+    assert torch.equal(_logits(adapted, x), _logits(grown, x))
+    assert adapted.wte.base.weight.shape == (61, 32) and not adapted.wte.base.weight.requires_grad
+    adapted.train()(x).sum().backward()
+    assert adapted.wte.lora_new.grad is not None and adapted.wte.lora_new.grad.abs().sum() > 0
+    assert "wte.lora_new" in lora.adapter_state(adapted, spec)
+    # the adapter (new rows included) on the 61-row base rebuilds the model
+    again = build_model(GPTConfig.from_dict({**grown.config.to_dict(), "converters": [spec]}))
+    again.load_state_dict({**base.state_dict(), **lora.adapter_state(adapted, spec)}, strict=True)
+    assert torch.equal(_logits(again, x), _logits(adapted, x))
+    merged = lora.merge(adapted)
+    assert merged.wte.weight.shape == (64, 32) and (_logits(merged, x) - _logits(adapted, x)).abs().max() <= 1e-5

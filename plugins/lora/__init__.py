@@ -120,6 +120,57 @@ class LoRALinear(nn.Module):
             state_dict[prefix + "lora_magnitude"] = w.detach().float().norm(dim=1).to(self.lora_magnitude.dtype)
 
 
+class _NewRows(nn.Module):
+    """A frozen table (`base`: the base model's rows) plus trainable rows for tokens the base never had
+    (`lora_new`: the chat tokens `data=chat` adds); `.weight` is the two stacked, so a tied head reads it."""
+
+    def __init__(self, base: nn.Module, base_rows: int):
+        super().__init__()
+        w = base.weight
+        self.lora_new = nn.Parameter(w.detach()[base_rows:].clone())
+        base.weight = nn.Parameter(w.detach()[:base_rows].clone(), requires_grad=False)
+        if isinstance(base, nn.Embedding):
+            base.num_embeddings = base_rows
+        else:
+            base.out_features = base_rows
+        self.base = base
+        self.register_load_state_dict_pre_hook(self._plain_keys_to_base)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.base.weight, self.lora_new], dim=0)
+
+    def _plain_keys_to_base(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """A plain `<prefix>weight` is the base's rows (and, when it has them, the new rows' start)."""
+        if prefix + "weight" in state_dict:
+            w = state_dict.pop(prefix + "weight")
+            n = self.base.weight.shape[0]
+            state_dict.setdefault(prefix + "base.weight", w[:n])
+            if w.shape[0] > n:
+                state_dict.setdefault(prefix + "lora_new", w[n:])
+
+
+class NewRowsEmbedding(_NewRows):
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight)
+
+
+class NewRowsLinear(_NewRows):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def add_new_token_rows(model: nn.Module, base_vocab: int) -> int:
+    """Make the embedding rows (and untied head rows) past `base_vocab` trainable adapter parameters."""
+    new = model.config.vocab_size - int(base_vocab)
+    if new <= 0 or isinstance(model.wte, _NewRows):
+        return 0
+    model.wte = NewRowsEmbedding(model.wte, base_vocab)
+    if model.lm_head is not None:
+        model.lm_head = NewRowsLinear(model.lm_head, base_vocab)
+    return new
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -210,8 +261,12 @@ def lora(
     train_norms: bool = False,
     train_biases: bool = False,
     train_embeddings: bool = False,
+    base_vocab: int | None = None,
 ) -> nn.Module:
-    """Wrap the chosen block Linears in LoRALinear; freeze every other parameter."""
+    """Wrap the chosen block Linears in LoRALinear; freeze every other parameter.
+
+    base_vocab (recorded by the callback when the run's tokenizer grew, e.g. data=chat's tokens): the
+    embedding rows past it are trainable adapter parameters too (they are not in the base checkpoint)."""
     targets = list(targets)
     _check_options(rank, alpha, dropout, targets)
     if lora_layers(model):
@@ -228,6 +283,8 @@ def lora(
     for name, linear in chosen.items():
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, LoRALinear(linear, rank, alpha, dropout, dora))
+    if base_vocab is not None and not train_embeddings:
+        add_new_token_rows(model, base_vocab)
     set_trainable(model, train_norms=train_norms, train_biases=train_biases, train_embeddings=train_embeddings)
     return model
 
@@ -261,6 +318,9 @@ def merge(model: nn.Module) -> nn.Module:
         sd[k.replace(".base.", ".")] = v.detach().clone()
     for name, layer in layers.items():
         sd[f"{name}.weight"] = layer.merged_weight().to(layer.base.weight.dtype)
+    for name, rows in model.named_modules():
+        if isinstance(rows, _NewRows):
+            sd[f"{name}.weight"] = rows.weight.detach().clone()
     plain.load_state_dict(sd, strict=True)
     plain.requires_grad_(True)
     return plain.train(model.training)
@@ -290,36 +350,45 @@ def adapter_state(model: nn.Module, spec: dict[str, Any]) -> dict[str, torch.Ten
     return {n: sd[n].detach().cpu().contiguous() for n in trainable_names(model, **_extras(spec))}
 
 
+def describe_base(base: str) -> dict[str, Any]:
+    """What an adapter records of its base: the sha256 of its weights, its tokenizer and vocabulary size."""
+    from microgpt.checkpoint import read_checkpoint
+
+    ck = read_checkpoint(base)
+    hp = ck["hyper_parameters"]
+    return {
+        "sha256": base_sha256(ck["state_dict"]),
+        "tokenizer": hp.get("tokenizer"),
+        "vocab_size": hp["model"]["vocab_size"],
+    }
+
+
 def save_adapter(
     model: nn.Module,
     out_dir: str | Path,
     base: str | None,
     tokenizer: dict | None = None,
     plugins: dict | None = None,
-    base_hash: str | None = None,
+    base_info: dict[str, Any] | None = None,
 ) -> Path:
     """Write `<out_dir>/adapter.safetensors` (the trainable tensors) and `adapter.json`; returns the file."""
     from safetensors.torch import save_file
 
-    from microgpt.checkpoint import read_checkpoint
-
     spec = lora_spec(model.config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base_hp: dict[str, Any] = {}
-    if base is not None and base_hash is None:
-        ck = read_checkpoint(base)
-        base_hash, base_hp = base_sha256(ck["state_dict"]), ck["hyper_parameters"]
-        del ck
+    if base is not None and base_info is None:
+        base_info = describe_base(base)
+    base_info = base_info or {}
     meta = {
         "format": FORMAT,
         "weights": ADAPTER_FILE,
         "base": _resolve_base(base) if base else None,
-        "base_sha256": base_hash,
+        "base_sha256": base_info.get("sha256"),
         "lora": {k: v for k, v in spec.items() if k != "name"},
         "model": model.config.to_dict(),
-        # the base's tokenizer unless this run changed it (e.g. added special tokens)
-        "tokenizer": tokenizer if tokenizer is not None and tokenizer != base_hp.get("tokenizer") else None,
+        # the base's tokenizer unless this run changed it (e.g. data=chat added its tokens)
+        "tokenizer": tokenizer if tokenizer is not None and tokenizer != base_info.get("tokenizer") else None,
         "plugins": dict(plugins or {}),
     }
     tmp = out_dir / (ADAPTER_FILE + ".tmp")
@@ -431,12 +500,30 @@ class LoRA(L.Callback):
         self.out = out
         self.prepared = False
         self.adapter_path: Path | None = None
+        self.base_info: dict[str, Any] | None = None
 
     def prepare(self, module, datamodule) -> None:
+        """Before fit: read the base (its hash goes into adapter.json), make the rows of tokens the base never
+        had (data=chat's) trainable, freeze everything else."""
         model = module.model
         if not lora_layers(model):
             raise ConfigError("plugins.lora: the model has no LoRA layers; enable the plugin with +plugin=lora")
         spec = lora_spec(model.config)
+        if self.base is not None:
+            self.base_info = describe_base(self.base)
+            base_vocab = self.base_info["vocab_size"]
+            if (
+                spec.get("base_vocab") is None
+                and model.config.vocab_size > base_vocab
+                and not spec.get("train_embeddings")
+            ):
+                add_new_token_rows(model, base_vocab)
+                # recorded in the converter: microgpt.load and resume rebuild the same trainable rows
+                model.config.converters = [
+                    {**c, "base_vocab": base_vocab} if c.get("name") == "lora" else c for c in model.config.converters
+                ]
+                module.hparams["model"] = {**module.hparams["model"], "converters": list(model.config.converters)}
+                spec = lora_spec(model.config)
         trainable, total = set_trainable(model, **_extras(spec))
         self.prepared = True
         if module.global_rank == 0:
@@ -457,7 +544,7 @@ class LoRA(L.Callback):
         ck_dir = getattr(ck, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
         hp = pl_module.hparams
         self.adapter_path = save_adapter(
-            pl_module.model, self.out or ck_dir, self.base, hp.get("tokenizer"), hp.get("plugins")
+            pl_module.model, self.out or ck_dir, self.base, hp.get("tokenizer"), hp.get("plugins"), self.base_info
         )
         size = self.adapter_path.stat().st_size
         print(f"lora: wrote {self.adapter_path} ({size:,} bytes; base {self.base})", flush=True)
