@@ -220,6 +220,10 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         # resuming a fine-tune: the architecture is the checkpoint's (it may be a pruned base)
         mcfg = GPTConfig.from_dict(dict(ckpt["hyper_parameters"]["model"]))
     elif init_model is not None:
+        if dm.vocab_size > init_model.config.vocab_size:  # data=chat added its special tokens to the tokenizer
+            from microgpt.data.chat_template import grow_vocab
+
+            grow_vocab(init_model, dm.vocab_size)
         # fine-tuning keeps the base architecture (and its converters); this run may add converters
         base = init_model.config.to_dict()
         converters = base["converters"] + [c for c in converter_specs(cfg) if c not in base["converters"]]
