@@ -1,6 +1,6 @@
 """LoRA vs full fine-tuning on the same task, same base, same steps (CPU).
 
-    .venv/bin/python bench/lora.py [--base-steps 1500] [--steps 400] [--limit 200] [--out bench/results/lora.md]
+    .venv/bin/python bench/lora.py [--base-steps 600] [--steps 200] [--limit 100] [--out bench/results/lora.md]
 
 1. base: `model=micro` (block 128) trained on tiny Shakespeare (character level), `--base-steps` steps;
 2. task: speaker attribution built from the same text by `microgpt.tasks` (8 speakers; each speaker's last
@@ -30,7 +30,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+# ../shared next to the checkout (a worktree under wt/ looks one level further up); MICROGPT_SHARED overrides
+_SHARED = [Path(os.environ["MICROGPT_SHARED"])] if os.environ.get("MICROGPT_SHARED") else []
+SHARED_TEXT = next(
+    (
+        d / "data" / "tinyshakespeare.txt"
+        for d in [*_SHARED, ROOT.parent / "shared", ROOT.parents[1] / "shared"]
+        if d.is_dir()
+    ),
+    ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
+)
 PY = sys.executable
 BASE_MODEL = ["model=micro", "model.block_size=128"]
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer.enable_model_summary=false"]
@@ -112,7 +121,8 @@ def worker(overrides: list[str], out_json: str) -> None:
 
 
 def sh(args: list[str], log: Path) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"}
+    # one intra-op thread per run: the same for every variant, and no oversubscription of a shared machine
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
         p = subprocess.run([PY, *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     if p.returncode != 0:
@@ -140,9 +150,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     ap.add_argument("--text", default=str(SHARED_TEXT))
-    ap.add_argument("--base-steps", type=int, default=1500)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--limit", type=int, default=200, help="test examples scored per model")
+    ap.add_argument("--base-steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--limit", type=int, default=100, help="test examples scored per model")
     ap.add_argument("--work", default=str(ROOT / "outputs" / "bench-lora"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora.md"))
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
@@ -210,7 +220,8 @@ def write_report(args, rows, task_meta, seconds: float) -> None:
         "# LoRA vs full fine-tuning (speaker attribution, CPU)",
         "",
         f"Command: `.venv/bin/python bench/lora.py --base-steps {args.base_steps} --steps {args.steps} --limit {args.limit}`",
-        f"({seconds / 60:.1f} min wall). CPU: {cpu_info()}. torch threads: default; other engineers shared the 2 cores.",
+        f"({seconds / 60:.1f} min wall). CPU: {cpu_info()}. One torch thread per run (OMP_NUM_THREADS=1); "
+        "other engineers' jobs shared the cores, so steps/s compare runs only roughly.",
         "",
         f"Base: `model=micro model.block_size=128` trained {args.base_steps} steps on tiny Shakespeare (char). Task: "
         f"{task_meta.get('task', 'speakers')}, {len(task_meta['labels'])} labels, scored on the first {args.limit} "

@@ -379,3 +379,31 @@ def test_rows_of_tokens_the_base_lacks_train_and_merge(lora):
     assert torch.equal(_logits(again, x), _logits(adapted, x))
     merged = lora.merge(adapted)
     assert merged.wte.weight.shape == (64, 32) and (_logits(merged, x) - _logits(adapted, x)).abs().max() <= 1e-5
+
+
+def test_lora_on_chat_data_trains_the_new_token_rows_and_scores_from_the_adapter(base, tmp_path, lora):
+    """data=chat adds its tokens to the base tokenizer: their rows train, the adapter carries them and the
+    grown tokenizer, and the adapter (on its recorded base) is what the task scorer loads."""
+    from microgpt.tasks import build_speaker_task, score
+
+    play = ROOT / "tests" / "fixtures" / "speakers_play.txt"
+    build_speaker_task(str(play), str(tmp_path / "task"), top_n=3, test_fraction=0.34)
+    out = tmp_path / "run"
+    chat = ["data=chat", f"data.path={tmp_path / 'task' / 'train.jsonl'}", "data.batch_size=4"]
+    res = run(
+        compose(["model=nano", *chat, *FAST[1:], *TUNE, f"init_from={base}", "+plugin=lora", *QUIET], output_dir=out)
+    )
+    model = res["module"].model
+    base_vocab = microgpt.load(base)[0].config.vocab_size
+    assert model.config.vocab_size > base_vocab and model.wte.lora_new.shape[0] == model.config.vocab_size - base_vocab
+    assert [c.get("base_vocab") for c in model.config.converters] == [base_vocab]
+    assert model.wte.lora_new.requires_grad and not model.wte.base.weight.requires_grad
+    meta = json.loads((out / "checkpoints" / "adapter.json").read_text())
+    assert meta["tokenizer"] is not None and meta["tokenizer"] != microgpt.load(base)[1].to_dict()
+    x = torch.tensor([list(range(base_vocab - 4, model.config.vocab_size))])  # the new tokens included
+    live = _logits(model, x)
+    again, tok = microgpt.load(out / "checkpoints")
+    assert torch.equal(_logits(again, x), live) and tok.vocab_size == model.config.vocab_size
+    assert (_logits(lora.merge(model), x) - live).abs().max().item() <= 1e-5
+    s = score(str(out / "checkpoints"), str(tmp_path / "task"))
+    assert s["mode"] == "chat" and s["n"] > 0 and 0.0 <= s["ll_accuracy"] <= 1.0

@@ -326,6 +326,9 @@ def merge(model: nn.Module) -> nn.Module:
     return plain.train(model.training)
 
 
+bake = merge  # the plugin contract's name for "fold this plugin's converters into plain weights"
+
+
 # ---- adapter-only checkpoints ----------------------------------------------------------------------------------
 
 
