@@ -117,6 +117,59 @@ def worker(overrides: list[str], out_json: str) -> None:
     Path(out_json).write_text(json.dumps(result))
 
 
+# ---- step time without Lightning, by model size ------------------------------------------------------------------
+
+SIZES = {  # name: (n_layer, n_head, n_embd, block_size)
+    "micro (0.8M)": (4, 4, 128, 128),
+    "mini (10.7M)": (6, 6, 384, 256),
+}
+
+
+def step_times(steps: int, batch: int = 12) -> list[dict]:
+    """Forward + backward + fused AdamW step of a bare GPT, full vs LoRA vs DoRA (r=8, dropout 0.05), one thread."""
+    import torch
+    import torch.nn.functional as F
+
+    from microgpt import GPT, GPTConfig
+    from microgpt.plugins import load_plugin
+
+    lora = load_plugin("lora")
+    torch.set_num_threads(1)
+    out = []
+    for size, (n_layer, n_head, n_embd, block) in SIZES.items():
+        for variant in ("full", "lora", "lora_p0", "dora"):
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(vocab_size=65, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block))
+            if variant != "full":
+                p = 0.0 if variant == "lora_p0" else 0.05
+                lora.lora(model, rank=8, alpha=16, dropout=p, dora=variant == "dora")
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+            g = torch.Generator().manual_seed(0)
+            x, y = (torch.randint(0, 65, (batch, block), generator=g) for _ in range(2))
+            times = []
+            for i in range(steps + 2):
+                t0 = time.perf_counter()
+                loss = F.cross_entropy(model(x).view(-1, 65), y.view(-1))
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if i >= 2:  # the first two steps allocate
+                    times.append(time.perf_counter() - t0)
+            times.sort()
+            out.append(
+                {
+                    "size": size,
+                    "variant": variant,
+                    "trainable": sum(p.numel() for p in params),
+                    "ms_per_step_median": 1000 * times[len(times) // 2],
+                }
+            )
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 # ---- driver --------------------------------------------------------------------------------------------------
 
 
@@ -156,9 +209,14 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "outputs" / "bench-lora"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora.md"))
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    ap.add_argument("--step-steps", type=int, default=10, help="timed steps per size in the bare-loop table")
+    ap.add_argument("--step-time-only", action="store_true", help="only the bare-loop step time table (printed)")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker[1:], args.worker[0])
+        return
+    if args.step_time_only:
+        step_times(args.step_steps)
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -170,6 +228,9 @@ def main() -> None:
         sh(["train.py", *base_over, *QUIET], work / "base.log")
     base_ckpt = base_dir / "checkpoints" / "last.ckpt"
 
+    import torch
+
+    torch.set_num_threads(1)  # scoring runs here: one thread, like the training runs
     try:
         from microgpt import tasks
     except ImportError:
@@ -202,7 +263,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         slug = name.split()[0].lower() + ("-qat" if "QAT" in name else "")
-        r = train(slug, [*common, *extra, f"hydra.run.dir={work / slug}"], work)
+        r = train(slug, [*common, *extra, f"paths.output_dir={work / slug}"], work)
         ck = Path(r["output_dir"]) / "checkpoints"
         src = ck if (ck / "adapter.json").is_file() else Path(r["last_ckpt"])
         r["artifact_bytes"] = (
@@ -211,10 +272,11 @@ def main() -> None:
         r["score"] = tasks.score(str(src), str(task_dir), limit=args.limit)
         rows.append((name, r, r["score"]))
         print(name, json.dumps(r), flush=True)
-    write_report(args, rows, task_meta, time.time() - t_start)
+    steps = step_times(args.step_steps)
+    write_report(args, rows, task_meta, time.time() - t_start, steps)
 
 
-def write_report(args, rows, task_meta, seconds: float) -> None:
+def write_report(args, rows, task_meta, seconds: float, steps: list[dict] | None = None) -> None:
     full = next((r for n, r, _ in rows if n == "full fine-tune" and r), None)
     lines = [
         "# LoRA vs full fine-tuning (speaker attribution, CPU)",
@@ -250,6 +312,22 @@ def write_report(args, rows, task_meta, seconds: float) -> None:
             f"{r['steps_per_s']:.2f} | {r['val_loss']:.4f} | {pct(s['exact_match'])} | {pct(s['ll_accuracy'])} | "
             f"{pct(s['majority_baseline'])} |"
         )
+    if steps:
+        lines += [
+            "",
+            "Step time without Lightning (bare GPT, batch 12 x block, forward + backward + fused AdamW, one thread,",
+            f"median of {args.step_steps} steps; adapters r=8 on qkv/proj/fc with dropout 0.05):",
+            "",
+            "| model | full ms/step | LoRA ms/step | LoRA, dropout 0, ms/step | DoRA ms/step | LoRA trainable |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for size in dict.fromkeys(s["size"] for s in steps):
+            by = {s["variant"]: s for s in steps if s["size"] == size}
+            lines.append(
+                f"| {size} | {by['full']['ms_per_step_median']:.1f} | {by['lora']['ms_per_step_median']:.1f} | "
+                f"{by['lora_p0']['ms_per_step_median']:.1f} | "
+                f"{by['dora']['ms_per_step_median']:.1f} | {by['lora']['trainable']:,} of {by['full']['trainable']:,} |"
+            )
     lines += [
         "",
         "artifact: the adapter-only `adapter.safetensors` for adapter runs, the full `last.ckpt` (weights + optimizer",
