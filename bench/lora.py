@@ -78,7 +78,7 @@ def worker(overrides: list[str], out_json: str) -> None:
     import lightning as L
     from hydra import compose, initialize_config_dir
 
-    from microgpt.train import run
+    from microgpt.training.train import run
 
     class Timer(StepTimer, L.Callback):
         pass
@@ -87,7 +87,7 @@ def worker(overrides: list[str], out_json: str) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     # the timer rides along with the configured callbacks
-    import microgpt.train as train_mod
+    import microgpt.training.train as train_mod
 
     build = train_mod.build_callbacks
     train_mod.build_callbacks = lambda c: [*build(c), timer]

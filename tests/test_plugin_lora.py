@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, compose, run_cli
 
 import microgpt
 from microgpt.config import GPTConfig
 from microgpt.errors import CheckpointError, ConfigError
 from microgpt.model import GPT, build_model
 from microgpt.plugins import load_plugin
-from microgpt.train import run
-from tests.conftest import ROOT, compose, run_cli
+from microgpt.training.train import run
 
 QUIET = [
     "callbacks.progress_bar=null",
@@ -199,7 +199,7 @@ def test_adapter_reloads_in_a_fresh_process_with_the_live_logits(tuned, base, tm
 def test_adapter_refuses_a_base_it_was_not_trained_on(tuned, tmp_path):
     adapter = Path(tuned["output_dir"]) / "checkpoints" / "adapter.safetensors"
     other = GPT(GPTConfig.from_dict({**tuned["module"].model.config.to_dict(), "converters": []}))
-    from microgpt.checkpoint import read_checkpoint
+    from microgpt.io.checkpoint import read_checkpoint
 
     hp = read_checkpoint(tuned["last_ckpt"])["hyper_parameters"]
     torch.save(
@@ -216,7 +216,7 @@ def test_adapter_refuses_a_base_it_was_not_trained_on(tuned, tmp_path):
 
 
 def test_merge_cli_gives_a_plain_model_every_export_accepts(tuned, tmp_path):
-    from microgpt.export import export
+    from microgpt.io.export import export
 
     live_model = tuned["module"].model
     x = _probe(live_model.config.vocab_size)
@@ -260,10 +260,10 @@ def test_lora_with_every_default_on(base, task, tmp_path, capsys, lora):
 
 def test_dora_on_an_hf_gpt2_directory(tmp_path, task, lora):
     """init_from an HF GPT-2 dir (built by transformers), DoRA with trainable biases: trains, reloads."""
+    from test_interop import EOT, train_bpe
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from microgpt.data.sources import stdlib_source
-    from tests.test_interop import EOT, train_bpe
 
     d = tmp_path / "gpt2"
     text = stdlib_source(max_bytes=60_000)

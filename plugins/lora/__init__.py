@@ -326,7 +326,9 @@ def merge(model: nn.Module) -> nn.Module:
     return plain.train(model.training)
 
 
-bake = merge  # the plugin contract's name for "fold this plugin's converters into plain weights"
+def bake(model: nn.Module) -> nn.Module:
+    """The plugin contract's hook (report): `model` with its adapters merged; a model without adapters as is."""
+    return merge(model) if lora_layers(model) else model
 
 
 # ---- adapter-only checkpoints ----------------------------------------------------------------------------------
@@ -343,7 +345,7 @@ def base_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def _resolve_base(base: str) -> str:
-    from microgpt.hf import HUB_PREFIX
+    from microgpt.io.hf import HUB_PREFIX
 
     return base if base.startswith(HUB_PREFIX) else str(Path(base).expanduser().resolve())
 
@@ -355,7 +357,7 @@ def adapter_state(model: nn.Module, spec: dict[str, Any]) -> dict[str, torch.Ten
 
 def describe_base(base: str) -> dict[str, Any]:
     """What an adapter records of its base: the sha256 of its weights, its tokenizer and vocabulary size."""
-    from microgpt.checkpoint import read_checkpoint
+    from microgpt.io.checkpoint import read_checkpoint
 
     ck = read_checkpoint(base)
     hp = ck["hyper_parameters"]
@@ -406,7 +408,7 @@ def read_adapter(meta_path: str | Path, base: str | None = None) -> dict[str, An
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from microgpt.checkpoint import read_checkpoint
+    from microgpt.io.checkpoint import read_checkpoint
 
     meta_path = Path(meta_path)
     try:
@@ -521,11 +523,11 @@ class LoRA(L.Callback):
                 and not spec.get("train_embeddings")
             ):
                 add_new_token_rows(model, base_vocab)
-                # recorded in the converter: microgpt.load and resume rebuild the same trainable rows
+                # recorded in the converter (LitGPT derives the checkpoint's model record from model.config):
+                # microgpt.load and resume rebuild the same trainable rows
                 model.config.converters = [
                     {**c, "base_vocab": base_vocab} if c.get("name") == "lora" else c for c in model.config.converters
                 ]
-                module.hparams["model"] = {**module.hparams["model"], "converters": list(model.config.converters)}
                 spec = lora_spec(model.config)
         trainable, total = set_trainable(model, **_extras(spec))
         self.prepared = True
@@ -545,9 +547,13 @@ class LoRA(L.Callback):
             return
         ck = trainer.checkpoint_callback
         ck_dir = getattr(ck, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
-        hp = pl_module.hparams
         self.adapter_path = save_adapter(
-            pl_module.model, self.out or ck_dir, self.base, hp.get("tokenizer"), hp.get("plugins"), self.base_info
+            pl_module.model,
+            self.out or ck_dir,
+            self.base,
+            pl_module.tokenizer_record,
+            pl_module.plugins_record,
+            self.base_info,
         )
         size = self.adapter_path.stat().st_size
         print(f"lora: wrote {self.adapter_path} ({size:,} bytes; base {self.base})", flush=True)

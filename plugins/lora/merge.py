@@ -41,10 +41,10 @@ def parse(argv: list[str]) -> dict[str, str]:
 def merge_checkpoint(ckpt: str, out: str, base: str | None = None, overwrite: bool = False) -> dict:
     import torch
 
-    from microgpt.checkpoint import model_from_checkpoint, read_checkpoint
     from microgpt.data.tokenizers import tokenizer_from_dict
     from microgpt.errors import CheckpointError
-    from microgpt.export import _files, atomic_dir, write_safetensors
+    from microgpt.io.checkpoint import model_from_checkpoint, read_checkpoint
+    from microgpt.io.export import _files, atomic_dir, write_safetensors
     from microgpt.plugins import load_plugin
 
     lora = load_plugin("lora")
