@@ -119,6 +119,7 @@ def worker(overrides: list[str], out_json: str) -> None:
 
 # ---- step time without Lightning, by model size ------------------------------------------------------------------
 
+VARIANT_KEYS = ("full", "lora", "lora_p0", "dora")
 SIZES = {  # name: (n_layer, n_head, n_embd, block_size)
     "micro (0.8M)": (4, 4, 128, 128),
     "mini (10.7M)": (6, 6, 384, 256),
@@ -137,7 +138,7 @@ def step_times(steps: int, batch: int = 12) -> list[dict]:
     torch.set_num_threads(1)
     out = []
     for size, (n_layer, n_head, n_embd, block) in SIZES.items():
-        for variant in ("full", "lora", "lora_p0", "dora"):
+        for variant in VARIANT_KEYS:
             torch.manual_seed(0)
             model = GPT(GPTConfig(vocab_size=65, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block))
             if variant != "full":
@@ -323,10 +324,10 @@ def write_report(args, rows, task_meta, seconds: float, steps: list[dict] | None
         ]
         for size in dict.fromkeys(s["size"] for s in steps):
             by = {s["variant"]: s for s in steps if s["size"] == size}
+            ms = {v: f"{by[v]['ms_per_step_median']:.1f}" if v in by else "not measured" for v in VARIANT_KEYS}
             lines.append(
-                f"| {size} | {by['full']['ms_per_step_median']:.1f} | {by['lora']['ms_per_step_median']:.1f} | "
-                f"{by['lora_p0']['ms_per_step_median']:.1f} | "
-                f"{by['dora']['ms_per_step_median']:.1f} | {by['lora']['trainable']:,} of {by['full']['trainable']:,} |"
+                f"| {size} | {ms['full']} | {ms['lora']} | {ms['lora_p0']} | {ms['dora']} | "
+                f"{by['lora']['trainable']:,} of {by['full']['trainable']:,} |"
             )
     lines += [
         "",
