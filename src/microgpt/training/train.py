@@ -240,6 +240,10 @@ class Start:
 def resolve_start(cfg: DictConfig) -> Start:
     """ckpt_path (resume) and init_from (fine-tune) -> what the run starts from."""
     start = Start(ckpt_path=resolve_ckpt_path(cfg))
+    if start.ckpt_path is not None:  # DeepSpeed / distcp directories: every pickled part checked before they load it
+        from microgpt.safety import check_sharded_checkpoint
+
+        check_sharded_checkpoint(start.ckpt_path, trust=bool(cfg.get("trust_checkpoint", False)))
     if start.ckpt_path is not None:
         from microgpt.io.consolidate import is_sharded_checkpoint, read_meta
 
