@@ -403,6 +403,23 @@ def save_adapter(
     return out_dir / ADAPTER_FILE
 
 
+def _adapted_keys(model_cfg: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A plain base's `model.*` tensors under the adapted model's names (`...qkv.weight` -> `...qkv.base.weight`),
+    so the checkpoint dict matches the adapted model key for key (microgpt checks that before loading)."""
+    from microgpt.model import build_model
+
+    with torch.device("meta"):  # names only: no memory, no init
+        skeleton = build_model(GPTConfig.from_dict(dict(model_cfg)))
+    sd = dict(state_dict)
+    for name, m in skeleton.named_modules():
+        if isinstance(m, (LoRALinear, _NewRows)):
+            for leaf in ("weight", "bias"):
+                key = f"model.{name}.{leaf}"
+                if key in sd:
+                    sd.setdefault(f"model.{name}.base.{leaf}", sd.pop(key))
+    return sd
+
+
 def read_adapter(meta_path: str | Path, base: str | None = None) -> dict[str, Any]:
     """An adapter (its adapter.json) and its base -> a checkpoint dict `model_from_checkpoint` rebuilds."""
     from safetensors import SafetensorError
@@ -441,7 +458,7 @@ def read_adapter(meta_path: str | Path, base: str | None = None) -> dict[str, An
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"adapter weights {weights} are missing or corrupt ({first}); train again") from None
     hp = ck["hyper_parameters"]
-    sd = dict(ck["state_dict"])
+    sd = _adapted_keys(model_cfg, ck["state_dict"])
     sd.update({f"model.{k}": v for k, v in adapter.items()})
     plugins = {**(hp.get("plugins") or {}), **(meta.get("plugins") or {})}
     return {
