@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,10 +16,39 @@ from typing import Any
 import torch
 
 from microgpt.config import GPTConfig
-from microgpt.errors import CheckpointError, first_line
-from microgpt.model import GPT, build_model
+from microgpt.errors import CheckpointError, ConfigError, first_line
+from microgpt.model import GPT
 
 EXPORT_META = "microgpt.json"  # marks a directory written by `python -m microgpt.export` (safetensors / int8)
+ADAPTER_META = "adapter.json"  # marks a LoRA adapter written by the lora plugin (adapter.safetensors beside it)
+
+
+def adapter_meta(path: str | os.PathLike) -> Path | None:
+    """The adapter.json of a LoRA adapter given as its directory, its .safetensors or the json itself."""
+    if isinstance(path, str) and path.startswith("hf:"):
+        return None
+    p = Path(path).expanduser()
+    if p.is_dir():
+        cand = p / ADAPTER_META
+    elif p.name == ADAPTER_META:
+        cand = p
+    elif p.suffix == ".safetensors":
+        cand = p.parent / ADAPTER_META
+    else:
+        return None
+    return cand if cand.is_file() else None
+
+
+def read_adapter(meta: Path, base: str | os.PathLike | None = None) -> dict[str, Any]:
+    """An adapter and its base (recorded, or `base`) as one checkpoint dict (the lora plugin reads it)."""
+    from microgpt.plugins import load_plugin
+
+    try:
+        where = (json.loads(meta.read_text(encoding="utf-8")).get("plugins") or {}).get("lora")
+    except (OSError, ValueError, AttributeError):
+        where = None
+    lora = load_plugin("lora", extra_dirs=[where] if where and Path(where).is_dir() else None)
+    return lora.read_adapter(meta, None if base is None else str(base))
 
 
 def safe_load(
@@ -26,17 +56,28 @@ def safe_load(
     corrupt: str,
     unsafe: str = "{path} cannot be loaded safely ({error}); it may hold arbitrary code",
     allow: Sequence[type] = (),
+    mmap: bool = False,
 ) -> Any:
-    """torch.load(weights_only=True) on the CPU; `allow`: extra classes the file may hold. A damaged file raises
-    CheckpointError(`corrupt`), one that needs code to load CheckpointError(`unsafe`); both are formatted with
-    {path}, {error} (the exception's type) and {detail} (its first line)."""
+    """torch.load(weights_only=True) on the CPU; `allow`: extra classes the file may hold; `mmap`: map tensor data
+    instead of reading it (when the file format allows). A damaged file raises CheckpointError(`corrupt`), one that
+    needs code to load CheckpointError(`unsafe`); both are formatted with {path}, {error} (the exception's type)
+    and {detail} (its first line)."""
     try:
         with torch.serialization.safe_globals(list(allow)):
+            if mmap:
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:  # a legacy (non-zip) torch.save file cannot be memory-mapped
+                    if "mmap" not in str(e):
+                        raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(corrupt.format(path=path, error=type(e).__name__, detail=first_line(e))) from None
     except Exception as e:  # pickle.UnpicklingError for anything outside the weights-only allowlist
-        raise CheckpointError(unsafe.format(path=path, error=type(e).__name__, detail=first_line(e))) from None
+        # name the class the file wanted to import (torch's message says it further down)
+        m = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"global '([\w.]+)'", str(e))
+        detail = f"it references {m.group(1)}" if m else first_line(e)
+        raise CheckpointError(unsafe.format(path=path, error=type(e).__name__, detail=detail)) from None
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:
@@ -109,13 +150,19 @@ def read_export_dir(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = None) -> dict[str, Any]:
     """torch.load with weights_only=True: a checkpoint is data, never code to execute.
+
+    A LoRA adapter (its directory, adapter.safetensors or adapter.json) comes back merged with its base
+    model (`base`, or the one it recorded) as the adapted model's checkpoint.
 
     Model directories (exported, or HF GPT-2 / Llama family) come back in the same shape: {"state_dict": {"model.*": ...},
     "hyper_parameters": {"model", "tokenizer", "plugins"}}, so every caller (load, distill's teacher)
     takes them as they are.
     """
+    meta = adapter_meta(path)
+    if meta is not None:
+        return read_adapter(meta, base)
     p = resolve_checkpoint(path)
     for _name, probe, reader in FORMATS:
         if probe(p):
@@ -125,6 +172,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_ckpt_file(p: Path) -> dict[str, Any]:
     """A .ckpt written by train.py (Lightning's checkpoint dict)."""
+    if p.name == "quantized.pt" or p.name.endswith(".quantized.pt"):
+        raise CheckpointError(quantized_refusal(p))
     ckpt = safe_load(
         p,
         corrupt="checkpoint {path} is corrupt or not a microgpt checkpoint ({detail}); retrain or pick another file",
@@ -135,6 +184,16 @@ def read_ckpt_file(p: Path) -> dict[str, Any]:
             f"{p} is not a microgpt checkpoint (no model config or state_dict); pass a .ckpt written by train.py"
         )
     return ckpt
+
+
+def quantized_refusal(path: str | os.PathLike) -> str:
+    """What to say when a qat artifact (quantized.pt) is given where a checkpoint is read."""
+    run = Path(path).parent.parent if Path(path).parent.name == "checkpoints" else Path(path).parent
+    return (
+        f"{path} is the qat plugin's quantized artifact, which only `python -m microgpt.report` reads; "
+        f"pass the run's checkpoint instead (ckpt={run}), or export a quantized model every command reads: "
+        f"python -m microgpt.export ckpt={run} format=int8 out=DIR"
+    )
 
 
 def _is_hf_dir(p: Path) -> bool:
@@ -161,36 +220,51 @@ FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], dict[str, Any]
 
 
 def import_recorded_plugins(hparams: dict[str, Any]) -> None:
-    """Import the plugins a checkpoint was trained with: they may register its components/converters."""
-    plugins = hparams.get("plugins") or {}
-    if plugins:
-        from microgpt.plugins import load_plugin
+    """Import the plugins a checkpoint was trained with: they may register its components/converters.
 
-        for name, where in plugins.items():
-            load_plugin(name, extra_dirs=[where] if where and Path(where).is_dir() else None)
+    By name only, from the user's own plugin path ($MICROGPT_PLUGIN_PATH, ./plugins, the shipped ones):
+    a checkpoint never chooses which code runs. The folder it recorded only goes into the error message.
+    """
+    plugins = hparams.get("plugins") or {}
+    if not plugins:
+        return
+    from microgpt.plugins import load_plugin, plugin_dirs
+
+    for name, where in plugins.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise CheckpointError(f"checkpoint records an invalid plugin name {name!r}; the file is damaged or forged")
+        try:
+            load_plugin(name)
+        except ConfigError:
+            recorded = f" (recorded at {where})" if where else ""
+            raise CheckpointError(
+                f"the checkpoint needs plugin '{name}'{recorded}, which is not on this plugin path "
+                f"({os.pathsep.join(plugin_dirs())}); if you trust that code, set MICROGPT_PLUGIN_PATH to the "
+                f"folder that holds {name}/"
+            ) from None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
     hp = ckpt["hyper_parameters"]
     import_recorded_plugins(hp)
-    model = build_model(GPTConfig.from_dict(dict(hp["model"])))
     prefix = "model."
     sd = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not match its model config ({first_line(e)})") from None
-    return model
+    # the config is checked against the tensors before anything is allocated, then the model is built on
+    # `meta` and takes the checkpoint's tensors (microgpt.safety)
+    from microgpt.safety import build_model_from_weights
+
+    return build_model_from_weights(GPTConfig.from_dict(dict(hp["model"])), sd)
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", base: str | os.PathLike | None = None):
     """`model, tokenizer = microgpt.load(path)`: the GPT in eval mode and its tokenizer.
 
-    path: a .ckpt, a run directory, an exported directory (safetensors / int8) or a local HF GPT-2 directory.
+    path: a .ckpt, a run directory, an exported directory (safetensors / int8), a local HF GPT-2 directory,
+    or a LoRA adapter (directory / adapter.safetensors) applied to `base` (default: the base it recorded).
     """
     from microgpt.data.tokenizers import tokenizer_from_dict
 
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, base)
     model = model_from_checkpoint(ckpt).to(map_location).eval()
     tok = ckpt["hyper_parameters"].get("tokenizer")
     if tok is None:

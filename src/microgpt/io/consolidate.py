@@ -34,6 +34,20 @@ from microgpt.errors import CheckpointError, first_line
 from microgpt.keyvalue import KeyValueCommand
 
 USAGE = "usage: python -m microgpt.consolidate ckpt=SHARDED_CHECKPOINT_DIR [out=FILE.ckpt] [trust=false]"
+HELP = f"""{USAGE}
+
+Turn a sharded checkpoint (strategy=fsdp or deepspeed*: a directory named like a file) into one .ckpt file
+that microgpt.load, generate, evaluate, export and resume all read (torch.load weights_only=True).
+
+keys (default):
+  ckpt   the sharded checkpoint directory, e.g. RUN/checkpoints/last.ckpt (required)
+  out    the file to write (default: next to ckpt, named <ckpt stem>-consolidated.ckpt)
+  trust  false: refuse DeepSpeed files holding objects beyond a small allowlist; true: full pickle, only
+         for files you wrote yourself (default false)
+
+example:
+  python -m microgpt.consolidate ckpt=outputs/DATE/TIME/checkpoints/last.ckpt out=model.ckpt
+"""
 
 # DeepSpeed's own bookkeeping in its model-states file; everything else there is Lightning's checkpoint
 _DEEPSPEED_KEYS = {
@@ -124,19 +138,9 @@ def _ds_load(f: Path, trust: bool) -> dict[str, Any]:
     """DeepSpeed pickles three small classes into its optimizer files: allow exactly those."""
     if trust:
         return torch.load(f, map_location="cpu", weights_only=False)
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from microgpt.safety import CONSOLIDATE_TRUST, deepspeed_safe_globals, weights_only_load
 
-    from microgpt.io.checkpoint import safe_load
-
-    return safe_load(
-        f,
-        corrupt="DeepSpeed checkpoint file {path} is truncated or corrupt ({detail}); save it again",
-        unsafe="{path} holds objects outside the safe allowlist ({detail:.200}); if you wrote this checkpoint "
-        "yourself, pass trust=true to load it with full pickle",
-        allow=[LossScaler, ZeroStageEnum, fragment_address],
-    )
+    return weights_only_load(f, CONSOLIDATE_TRUST, deepspeed_safe_globals())
 
 
 def _natural(p: Path) -> list:
@@ -268,7 +272,14 @@ def _frozen_params(models, client, world: int, stage: int) -> dict[str, torch.Te
 def consolidate(path: str | Path, trust: bool = False) -> dict[str, Any]:
     """A sharded checkpoint (directory) -> the checkpoint dict of a single-process run."""
     p = _resolve(path)
-    ckpt = _consolidate_deepspeed(p, trust) if is_deepspeed_checkpoint(p) else _consolidate_distcp(p)
+    if is_deepspeed_checkpoint(p):
+        ckpt = _consolidate_deepspeed(p, trust)  # every file read weights-only (_ds_load) unless trusted
+    else:
+        if not trust:  # torch.distributed.checkpoint unpickles .metadata: check every pickled part first
+            from microgpt.safety import CONSOLIDATE_TRUST, check_distcp_dir
+
+            check_distcp_dir(p, CONSOLIDATE_TRUST)
+        ckpt = _consolidate_distcp(p)
     hp = ckpt.get("hyper_parameters") or {}
     if "model" not in hp or "state_dict" not in ckpt:
         raise CheckpointError(f"{p} is not a microgpt checkpoint (no model config); was it written by train.py?")
@@ -315,7 +326,7 @@ def consolidate_to_file(path: str | Path, out: str | Path, trust: bool = False) 
 
 COMMAND = KeyValueCommand(
     "python -m microgpt.consolidate",
-    USAGE,
+    HELP,
     {"ckpt": None, "out": None, "trust": "false"},
     required=("ckpt",),
     typed=False,
@@ -335,7 +346,9 @@ def main(argv: list[str] | None = None) -> None:
         written = consolidate_to_file(src, out, trust=trust)
         meta = torch.load(written, map_location="cpu", weights_only=True)
         n = sum(v.numel() for v in meta["state_dict"].values())
-        print(f"consolidated {src} -> {written} (step {meta.get('global_step')}, {n:,} weights)", flush=True)
+        from microgpt.console import consolidate_summary
+
+        print(consolidate_summary(src, written, meta.get("global_step"), n), flush=True)
 
     _main()
 

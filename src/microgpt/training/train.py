@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from microgpt import console
 from microgpt.config import GPTConfig
 from microgpt.errors import CheckpointError, ConfigError, MicroGPTError, first_line
 from microgpt.io.checkpoint import read_checkpoint
+from microgpt.plugin_hints import model_plugins
 from microgpt.plugins import Preparer, check_plugins, load_plugins, plugin_origin
 
 log = logging.getLogger("microgpt")
@@ -178,6 +181,7 @@ def _route_lightning_logs() -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    console.route_console()  # third-party chatter to train.log only; log lines never glued to the progress bar
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -198,7 +202,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, Any]:
     import lightning as L
 
-    mods = load_plugins(list((cfg.get("plugins") or {}).keys()))
+    try:
+        mods = load_plugins(list((cfg.get("plugins") or {}).keys()))
+    except (ImportError, SyntaxError) as e:  # a broken plugin: one line, and no half-made run dir (see run())
+        where = f" ({e.filename}:{e.lineno})" if isinstance(e, SyntaxError) else ""
+        raise ConfigError(
+            f"a plugin failed to import: {type(e).__name__}: {e}{where}; fix it or drop it from +plugin="
+        ) from None
     check_plugins(cfg, mods)  # every refusable setting and combination, before anything is built
     _check_run_settings(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -213,10 +223,14 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     prepare_plugins(trainer, module, dm)
     start.ckpt = None  # the trainer reads it again itself; don't hold two copies
     state["fitting"] = True
+    t_fit = time.perf_counter()
     fit(trainer, module, dm, start.ckpt_path, out_dir)
+    wall_s = time.perf_counter() - t_fit
     result = summarize(trainer, module, out_dir)
     if cfg.get("print_sample") and trainer.is_global_zero:
         print_sample(module.model, dm.tokenizer, cfg.sample)
+    if trainer.is_global_zero:
+        console.print_summary(console.train_summary(result, wall_s, trainer, dm, dm.bytes_per_token))
     return result
 
 
@@ -233,6 +247,10 @@ class Start:
 def resolve_start(cfg: DictConfig) -> Start:
     """ckpt_path (resume) and init_from (fine-tune) -> what the run starts from."""
     start = Start(ckpt_path=resolve_ckpt_path(cfg))
+    if start.ckpt_path is not None:  # DeepSpeed / distcp directories: every pickled part checked before they load it
+        from microgpt.safety import check_sharded_checkpoint
+
+        check_sharded_checkpoint(start.ckpt_path, trust=bool(cfg.get("trust_checkpoint", False)))
     if start.ckpt_path is not None:
         from microgpt.io.consolidate import is_sharded_checkpoint, read_meta
 
@@ -258,6 +276,10 @@ def build_model_config(cfg: DictConfig, start: Start, dm) -> GPTConfig:
         # resuming a fine-tune: the architecture is the checkpoint's (it may be a pruned base)
         mcfg = GPTConfig.from_dict(dict(ckpt["hyper_parameters"]["model"]))
     elif init_model is not None:
+        if dm.vocab_size > init_model.config.vocab_size:  # data=chat added its special tokens to the tokenizer
+            from microgpt.data.chat_template import grow_vocab
+
+            grow_vocab(init_model, dm.vocab_size)
         # fine-tuning keeps the base architecture (and its converters); this run may add converters
         base = init_model.config.to_dict()
         converters = base["converters"] + [c for c in converter_specs(cfg) if c not in base["converters"]]
@@ -280,7 +302,7 @@ def build_module(cfg: DictConfig, mcfg: GPTConfig, dm, mods: dict, start: Start)
     module = LitGPT(
         model=mcfg.to_dict(),
         optimizer=build_from_config(cfg.optimizer, "optimizer"),
-        warmup_steps=cfg.scheduler.warmup_steps,
+        warmup_steps=console.warmup_steps(cfg.scheduler.warmup_steps, cfg.trainer.max_steps),
         decay_steps=cfg.scheduler.decay_steps,
         min_lr=cfg.scheduler.min_lr,
         lr_shape=cfg.scheduler.get("shape", "cosine"),
@@ -288,7 +310,7 @@ def build_module(cfg: DictConfig, mcfg: GPTConfig, dm, mods: dict, start: Start)
         tokenizer=dm.tokenizer.to_dict(),
         bytes_per_token=dm.bytes_per_token,
         compile=cfg.compile,
-        plugins=plugin_origin(mods),
+        plugins=plugin_origin(model_plugins(mods, mcfg)),  # only what rebuilding the model needs
         decay_embeddings=cfg.decay_embeddings,
     )
     init_model = start.init_model
@@ -322,11 +344,7 @@ def build_trainer(cfg: DictConfig, ckpt_path: str | None):
 
 def announce(cfg: DictConfig, module, dm, out_dir: Path) -> None:
     """The model's size on the console, and the composed config into the run directory (rank 0)."""
-    n = module.model.num_params()
-    print(
-        f"model: {n:,} parameters ({n / 1e6:.2f}M), vocab {module.model.config.vocab_size}, tokenizer {dm.tokenizer.name}",
-        flush=True,
-    )
+    print(console.model_line(module.model, module.model.config.vocab_size, dm.tokenizer.name), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
 
