@@ -193,3 +193,37 @@ def test_muon_step_by_hand_and_state_dict_resume():
     opt.step()
     opt2.step()
     torch.testing.assert_close(w.detach(), clone.detach())
+
+
+@pytest.mark.slow
+def test_speedrun_experiment_trains_with_every_default_on(tmp_path):
+    """experiment=shakespeare_speedrun as a user runs it (callbacks, logger, print_sample all on), shortened:
+    Muon + relu2 + QK-norm + linear decay lower the val loss, and the checkpoint reloads with those parts."""
+    import csv
+
+    from conftest import SHAKESPEARE, run_cli
+
+    import microgpt
+
+    run = tmp_path / "run"
+    p = run_cli(
+        [
+            "train.py",
+            "experiment=shakespeare_speedrun",
+            f"data.path={SHAKESPEARE}",
+            "trainer.max_steps=80",
+            "trainer.val_check_interval=40",
+            "scheduler.warmup_steps=10",
+            f"hydra.run.dir={run}",
+        ],
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    vals = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+    assert len(vals) >= 2 and vals[-1] < vals[0] < math.log(63), vals  # 63 = the fixture's char vocab
+    model, _ = microgpt.load(run / "checkpoints" / "last.ckpt")
+    assert model.config.mlp == "relu2" and model.config.qk_norm
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert any(g["use_muon"] for g in groups) and any(not g["use_muon"] for g in groups)
