@@ -12,7 +12,6 @@ import torch
 from omegaconf import DictConfig
 
 from microgpt.cli import CONF_DIR, exit_on_error, quiet_env
-from microgpt.errors import ConfigError
 
 
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, out=sys.stdout, **sampling) -> str:
@@ -43,21 +42,20 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, out=sys.stdo
 
 def generate(cfg: DictConfig) -> list[str]:
     from microgpt import load
+    from microgpt.sampling_args import check_sampling, read_prompt
 
-    if cfg.max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be >= 0, got {cfg.max_new_tokens}")
-    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {cfg.top_p}")
+    check_sampling(cfg)  # types and ranges, ckpt given, the device exists: one error line before loading
+    prompt = read_prompt(cfg)  # prompt=..., prompt=- (stdin) or prompt_file=PATH
     model, tokenizer = load(cfg.ckpt, map_location=cfg.device)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     texts = []
     for _ in range(cfg.num_samples):
-        sys.stdout.write(cfg.prompt)
+        sys.stdout.write(prompt)
         texts.append(
             stream_text(
                 model,
                 tokenizer,
-                cfg.prompt,
+                prompt,
                 cfg.max_new_tokens,
                 temperature=cfg.temperature,
                 top_k=cfg.top_k,

@@ -99,13 +99,14 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         return None
     if p == "last":
         # the newest of last.ckpt and Lightning's SLURM pre-emption checkpoints (hpc_ckpt_N.ckpt)
-        out = Path(cfg.paths.output_dir)
-        last = out / "checkpoints" / "last.ckpt"
-        # last.ckpt is a directory under sharded strategies (fsdp, deepspeed)
-        found = [c for c in (last, *out.glob("hpc_ckpt_*.ckpt")) if c.exists()]
-        if found:
-            return str(max(found, key=lambda c: c.stat().st_mtime))
-        log.info("ckpt_path=last: no %s yet, starting from scratch", last)
+        # the newest checkpoint that loads: last.ckpt (a directory under fsdp/deepspeed), SLURM's
+        # hpc_ckpt_N.ckpt, best.ckpt, ...; a truncated newest one is skipped, naming which was used
+        from microgpt.training_safety import newest_valid_checkpoint
+
+        found = newest_valid_checkpoint(Path(cfg.paths.output_dir))
+        if found is not None:
+            return str(found)
+        log.info("ckpt_path=last: no checkpoint in %s yet, starting from scratch", cfg.paths.output_dir)
         return None
     from microgpt.consolidate import is_sharded_checkpoint
 
@@ -168,17 +169,24 @@ def _route_lightning_logs() -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train. Returns {'val_loss', 'best_val_loss', 'best_ckpt', 'last_ckpt', 'output_dir', 'trainer', 'module'}."""
+    from microgpt.training_safety import check_settings, claim_run_dir
+
     _route_lightning_logs()
     out_dir = Path(cfg.paths.output_dir)
     existed = out_dir.is_dir() and any(p.name not in (".hydra", "train.log") for p in out_dir.iterdir())
     state = {"fitting": False}
+    release = lambda: None  # noqa: E731
     try:
+        check_settings(cfg)
+        release = claim_run_dir(cfg, out_dir)  # one run per dir; a non-empty dir needs ckpt_path or overwrite
         return _run(cfg, out_dir, state)
     except MicroGPTError:
         # bad input found before training started: leave no half-made run directory behind
         if not existed and not state["fitting"]:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
+    finally:
+        release()
 
 
 def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, Any]:
@@ -255,10 +263,15 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         del init_model
     freeze_layers(module.model, cfg.get("freeze_layers", 0))
     loggers = build_loggers(cfg)
-    callbacks = build_callbacks(cfg)
+    from microgpt.training_safety import SafetyCallback, prepare_trainer
+
+    # signals -> resumable checkpoint; a validation at the end; the sample on every rank (sharded models)
+    safety = SafetyCallback(out_dir, cfg.sample if cfg.get("print_sample") else None, dm.tokenizer)
+    callbacks = [*build_callbacks(cfg), safety]
     if not loggers:  # Lightning refuses an LR monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    prepare_trainer(trainer, out_dir)  # atomic checkpoint writes, stale temp files removed
     from microgpt.strategies import check_resume
 
     check_resume(ckpt_path, trainer.strategy)
@@ -280,7 +293,12 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         # CSVLogger starts metrics.csv afresh: keep the log of the steps before this resume
         old_metrics.rename(out_dir / f"metrics.before-{Path(ckpt_path).stem}-{os.getpid()}.csv")
     state["fitting"] = True
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit:
+        if safety.stopped is not None:  # SIGTERM/SIGINT: a checkpoint was saved; the CLI says how to resume
+            raise safety.stopped from None
+        raise
 
     ck = trainer.checkpoint_callback
     val = trainer.callback_metrics.get("val_loss")
@@ -293,12 +311,10 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         "trainer": trainer,
         "module": module,
     }
-    if cfg.get("print_sample") and trainer.is_global_zero:
-        print_sample(module.model, dm.tokenizer, cfg.sample)
     return result
 
 
-def print_sample(model, tokenizer, s: DictConfig) -> None:
+def print_sample(model, tokenizer, s: DictConfig, show: bool = True) -> None:
     model.eval()
     device = next(model.parameters()).device
     ids = tokenizer.encode(s.prompt) if s.prompt else [0]
@@ -306,4 +322,5 @@ def print_sample(model, tokenizer, s: DictConfig) -> None:
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     out = model.generate(idx, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, generator=gen)
     text = tokenizer.decode(out[0, len(ids) if s.prompt else 1 :].tolist())
-    print("\n--- sample ---\n" + s.prompt + text + "\n--------------", flush=True)
+    if show:
+        print("\n--- sample ---\n" + s.prompt + text + "\n--------------", flush=True)
