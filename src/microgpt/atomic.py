@@ -150,3 +150,21 @@ def use_atomic_checkpoints(trainer) -> bool:
 
     strategy.checkpoint_io = AtomicCheckpointIO()
     return True
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "out") -> None:
+    """Fail early, in one line, when `path` (a directory to be created or written) cannot be written: tried with
+    a temp file in its nearest existing ancestor, so nothing is left behind either way."""
+    import tempfile
+
+    p = Path(path).expanduser().absolute()
+    base = p
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise MicroGPTError(f"{what}={path}: {base} is not a directory; pass a directory path")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise MicroGPTError(f"{what}={path} is not writable ({base}: {e.strerror}); pass a writable {what}=") from None

@@ -7,6 +7,7 @@ import functools
 import os
 import re
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,8 @@ def exit_on_error(fn: Callable) -> Callable:
                 job.finished("failed", error=line or f"{type(e).__name__}: {e}")
                 if line is not None:
                     print(line, file=sys.stderr, flush=True)
+                elif isinstance(e, Exception):
+                    traceback.print_exc()  # a bug, not bad input: its traceback goes to the job's log
                 if isinstance(e, Exception):
                     # Hydra records the job as failed and runs the next one (sys.exit would end the sweep)
                     raise job.failure(line or f"{type(e).__name__}: {e}") from (None if line else e)

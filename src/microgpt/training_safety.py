@@ -283,6 +283,18 @@ class SafetyCallback(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         import threading
 
+        ck = trainer.checkpoint_callback
+        if (
+            ck is not None
+            and getattr(ck, "save_last", False)
+            and not getattr(ck, "last_model_path", "x")
+            and ck.dirpath
+        ):
+            # resumed from a checkpoint saved before the first last.ckpt (best.ckpt, hpc): the last.ckpt beside it
+            # belongs to this run; overwrite it rather than writing last-v1.ckpt next to a stale one
+            last = Path(ck.dirpath) / f"{ck.CHECKPOINT_NAME_LAST}{ck.FILE_EXTENSION}"
+            if last.exists():
+                ck.last_model_path = str(last)
         if threading.current_thread() is not threading.main_thread():
             return
         conn = trainer._signal_connector
@@ -326,6 +338,9 @@ class SafetyCallback(L.Callback):
         ck = trainer.checkpoint_callback
         ckdir = Path(ck.dirpath) if ck is not None and ck.dirpath else self.out_dir / "checkpoints"
         path = ckdir / "last.ckpt"
+        if ck is not None and hasattr(ck, "last_model_path"):
+            # recorded in the saved state, so that the resumed run overwrites last.ckpt instead of adding last-v1
+            ck.last_model_path = str(path)
         try:
             trainer.save_checkpoint(path)
         except MicroGPTError as e:
