@@ -87,6 +87,10 @@ def current_job() -> Job | None:
         hc = HydraConfig.get()
         if hc.mode != RunMode.MULTIRUN:
             return None
+        from microgpt.training_safety import launched_rank_zero
+
+        if not launched_rank_zero():  # one record per job, written by its first task
+            return None
         out = Path(hc.runtime.output_dir)
         num = int(hc.job.num)
         overrides = [str(o) for o in hc.overrides.task]
