@@ -98,7 +98,6 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if p is None:
         return None
     if p == "last":
-        # the newest of last.ckpt and Lightning's SLURM pre-emption checkpoints (hpc_ckpt_N.ckpt)
         # the newest checkpoint that loads: last.ckpt (a directory under fsdp/deepspeed), SLURM's
         # hpc_ckpt_N.ckpt, best.ckpt, ...; a truncated newest one is skipped, naming which was used
         from microgpt.training_safety import newest_valid_checkpoint
