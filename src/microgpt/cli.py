@@ -49,7 +49,8 @@ def exit_on_error(fn: Callable) -> Callable:
             if stopped:  # StoppedBySignal: a resumable checkpoint was saved
                 from microgpt.training_safety import resume_command
 
-                print(f"{e}\nresume with: {resume_command(_run_dir())}", file=sys.stderr, flush=True)
+                if getattr(e, "rank_zero", True):  # once, not from every rank
+                    print(f"{e}\nresume with: {resume_command(_run_dir())}", file=sys.stderr, flush=True)
                 if job is not None:
                     job.finished("stopped", error=str(e))
                 sys.exit(e.exit_code)

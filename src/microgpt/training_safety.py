@@ -242,8 +242,8 @@ def prepare_trainer(trainer, out_dir: Path) -> None:
 class StoppedBySignal(Exception):
     """Training stopped on SIGTERM/SIGINT after saving a resumable checkpoint; the CLI exits 128 + signal."""
 
-    def __init__(self, signum: int, step: int, path: str | None):
-        self.signum, self.step, self.path = signum, step, path
+    def __init__(self, signum: int, step: int, path: str | None, rank_zero: bool = True):
+        self.signum, self.step, self.path, self.rank_zero = signum, step, path, rank_zero
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
         saved = f"saved a resumable checkpoint to {path}" if path else "no checkpoint could be saved"
@@ -346,7 +346,7 @@ class SafetyCallback(L.Callback):
         except MicroGPTError as e:
             log.error("could not save a checkpoint on %s: %s", signal.Signals(signum).name, e)
             path = None
-        self.stopped = StoppedBySignal(signum, trainer.global_step, str(path) if path else None)
+        self.stopped = StoppedBySignal(signum, trainer.global_step, str(path) if path else None, trainer.is_global_zero)
 
     # -- always validate (and so checkpoint) at the end: Lightning validates after a step that sets should_stop
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
