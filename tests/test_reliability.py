@@ -289,9 +289,13 @@ def test_a_live_runs_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(tmp
 # ---- 9. SIGTERM / SIGINT ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    ("sig", "code", "strategy"),
+    [(signal.SIGTERM, 143, "auto"), (signal.SIGINT, 130, "auto"), (signal.SIGTERM, 143, "ddp")],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-ddp-2-processes"],
+)
 def test_signal_saves_a_resumable_checkpoint_exits_128_plus_signal_and_says_how_to_resume(
-    tmp_path, text, helpers, sig, code
+    tmp_path, text, helpers, sig, code, strategy
 ):
     run = tmp_path / "run"
     ready = tmp_path / "ready"
@@ -301,7 +305,8 @@ def test_signal_saves_a_resumable_checkpoint_exits_128_plus_signal_and_says_how_
         "+callbacks.probe.at=3",
         "+callbacks.probe.delay=0.05",
     ]
-    proc = _popen(_train_cmd(*_nano(text, run, "trainer.max_steps=100000", *probe)), _env(helpers))
+    dist = [f"strategy={strategy}", "trainer.devices=2"] if strategy != "auto" else []
+    proc = _popen(_train_cmd(*_nano(text, run, "trainer.max_steps=100000", *dist, *probe)), _env(helpers))
     _wait_for(ready, proc)
     os.kill(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
@@ -309,6 +314,7 @@ def test_signal_saves_a_resumable_checkpoint_exits_128_plus_signal_and_says_how_
     name = signal.Signals(sig).name
     step = _step(run / "checkpoints" / "last.ckpt")
     assert 3 <= step < 100000
+    assert err.count("stopped by") == 1, err[-3000:]  # said once, not by every rank
     assert (
         f"stopped by {name} after step {step}; saved a resumable checkpoint to {run / 'checkpoints' / 'last.ckpt'}"
         in err
