@@ -204,11 +204,12 @@ def test_tokenizer_from_vocab_merges_and_tokenizer_json_matches_transformers(gpt
     assert microgpt.load(d)[1].encode(text) == want
 
 
-def _llama_dir(d: Path, _gpt2) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _neox_dir(d: Path, _gpt2) -> None:
+    # an architecture microgpt does not load (the Llama family does load: tests/test_interop_llama.py)
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    LlamaForCausalLM(cfg).save_pretrained(d)
+    cfg = GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    GPTNeoXForCausalLM(cfg).save_pretrained(d)
 
 
 def _truncate(name: str):
@@ -237,7 +238,11 @@ def _big_tokenizer(d: Path, g) -> None:
 
 
 BAD_DIRS = {
-    "llama": (_llama_dir, r"'llama' model \(LlamaForCausalLM\), not GPT-2: unexpected keys .*model\.layers\.0\."),
+    "gpt-neox": (
+        _neox_dir,
+        r"'gpt_neox' model \(GPTNeoXForCausalLM\), an architecture microgpt does not load: unexpected keys "
+        r".*gpt_neox\.layers\.0\..*; supported model_type: gpt2 .*llama",
+    ),
     "truncated-safetensors": (_truncate("model.safetensors"), r"model\.safetensors is truncated or corrupt"),
     "truncated-bin": (_truncate("pytorch_model.bin"), r"pytorch_model\.bin is truncated or corrupt"),
     "no-weights": (lambda d, g: (d / "model.safetensors").unlink(), "has no weights"),
@@ -256,7 +261,7 @@ BAD_DIRS = {
 def test_bad_hf_directories_fail_with_one_clear_error(case, gpt2, tmp_path):
     make, pattern = BAD_DIRS[case]
     d = copy_dir(gpt2.dir, tmp_path / case)
-    if case == "llama":
+    if case == "gpt-neox":
         shutil.rmtree(d)
         d.mkdir()
         shutil.copy(gpt2.dir / "vocab.json", d)

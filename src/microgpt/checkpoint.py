@@ -24,8 +24,8 @@ def is_export_dir(path: str | os.PathLike) -> bool:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A .ckpt file; a run directory (its checkpoints/last.ckpt); or a directory that is itself a model:
-    an exported microgpt directory (microgpt.json) or a local HF GPT-2 directory (config.json);
-    `hf:NAME` fetches an HF GPT-2 from the hub (network access needed, or the hub cache)."""
+    an exported microgpt directory (microgpt.json) or a local HF GPT-2 / Llama / Qwen2 / Mistral directory
+    (config.json); `hf:NAME` fetches one from the hub (network access needed, or the hub cache)."""
     from microgpt.hf import HUB_PREFIX, fetch_hub, is_hf_dir
 
     if isinstance(path, str) and path.startswith(HUB_PREFIX):
@@ -90,7 +90,7 @@ def read_export_dir(path: str | os.PathLike) -> dict[str, Any]:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """torch.load with weights_only=True: a checkpoint is data, never code to execute.
 
-    Model directories (exported, or HF GPT-2) come back in the same shape: {"state_dict": {"model.*": ...},
+    Model directories (exported, or HF GPT-2 / Llama family) come back in the same shape: {"state_dict": {"model.*": ...},
     "hyper_parameters": {"model", "tokenizer", "plugins"}}, so every caller (load, distill's teacher)
     takes them as they are.
     """

@@ -11,6 +11,12 @@ from typing import Any
 
 from microgpt.errors import ConfigError
 
+# RoPE scaling types microgpt implements (components/position.py), with the keys each one needs
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
 
 @dataclass
 class GPTConfig:
@@ -24,10 +30,14 @@ class GPTConfig:
     mlp_hidden: int | None = None  # None -> 4*n_embd for gelu, ~8/3*n_embd (multiple of 64) for swiglu
     dropout: float = 0.0
     bias: bool = False  # bias in Linear and LayerNorm layers (GPT-2: True; nanoGPT baby: False)
+    qkv_bias: bool | None = None  # bias on the q/k/v projection only; None -> follows bias (Qwen2: True)
     attention: str = "mha"  # mha | gqa | mqa | sliding | <registered by a plugin>
     window: int | None = None  # sliding: each query sees the last `window` positions (itself included)
     position: str = "learned"  # learned | rope
     rope_theta: float = 10000.0
+    # RoPE frequency scaling for long context, as HF configs write it: {"rope_type": "linear", "factor": f}
+    # or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict[str, Any] | None = None
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # gelu (exact) | gelu_tanh (GPT-2) | swiglu
@@ -76,6 +86,19 @@ class GPTConfig:
         )
         if self.position == "rope":
             need(self.head_dim % 2 == 0, f"rope needs an even head size, got n_embd/n_head={self.head_dim}")
+        if self.rope_scaling is not None:
+            need(
+                isinstance(self.rope_scaling, dict),
+                f"model.rope_scaling must be a mapping or null, got {self.rope_scaling!r}",
+            )
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            required = ROPE_SCALING_KEYS.get(kind)
+            need(
+                required is not None,
+                f"model.rope_scaling type {kind!r} is not implemented; choose one of {', '.join(ROPE_SCALING_KEYS)} or null",
+            )
+            absent = [k for k in required if k not in self.rope_scaling]
+            need(not absent, f"model.rope_scaling type {kind!r} lacks {absent}")
         if self.attention == "sliding":
             need(
                 isinstance(self.window, int) and self.window > 0,

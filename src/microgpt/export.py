@@ -3,14 +3,16 @@
     python -m microgpt.export ckpt=PATH format=safetensors|hf|int8|gguf out=DIR
 
     safetensors  model.safetensors + microgpt.json (config, tokenizer); `microgpt.load(DIR)` reloads it
-    hf           the GPT-2 layout `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads, with the
-                 tokenizer files when the tokenizer is a BPE (tokenizer.json, vocab.json, merges.txt)
+    hf           a transformers directory `AutoModelForCausalLM.from_pretrained(DIR)` loads: GPT-2's layout
+                 for learned-position/LayerNorm/GELU models, Llama's (or Qwen2's: q/k/v biases; Mistral's:
+                 sliding window) for rope/rmsnorm/swiglu ones; with the tokenizer files when the tokenizer
+                 is a BPE (tokenizer.json, vocab.json, merges.txt; a pretrained one's tokenizer_config.json)
     int8         Linear weights (and the token embedding / tied head) quantized per output channel,
                  symmetric: q = round(w / s) in [-127, 127], s = max|w_row| / 127, stored as int8 + float32
                  scales in model.safetensors; `microgpt.load(DIR)` dequantizes
     gguf         model.gguf for the `gpt2` architecture (llama.cpp's tensor names, metadata and BPE vocab)
 
-PATH is anything `microgpt.load` accepts (a .ckpt, a run dir, an exported dir, an HF GPT-2 dir). The
+PATH is anything `microgpt.load` accepts (a .ckpt, a run dir, an exported dir, an HF GPT-2 or Llama-family dir). The
 export is written to a temporary directory next to DIR and renamed into place when complete, so an
 error never leaves a half-written DIR. The last line printed is a JSON summary (files and sizes).
 """
@@ -34,7 +36,15 @@ from omegaconf import DictConfig
 from microgpt.checkpoint import EXPORT_META, model_from_checkpoint, read_checkpoint
 from microgpt.cli import CONF_DIR, exit_on_error, quiet_env
 from microgpt.errors import CheckpointError, ConfigError
-from microgpt.hf import gpt2_blockers, hf_config_dict, save_hf_tokenizer, state_dict_to_hf
+from microgpt.hf import (
+    gpt2_blockers,
+    hf_config_dict,
+    hf_export_arch,
+    llama_config_dict,
+    save_hf_tokenizer,
+    state_dict_to_hf,
+    state_dict_to_llama,
+)
 
 FORMATS = ("safetensors", "hf", "int8", "gguf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -148,6 +158,9 @@ def write_int8(model, tok, out: Path, plugins: dict, quantize_embeddings: bool =
 
 
 def _blocked(model, fmt: str) -> None:
+    if fmt == "hf":  # GPT-2 or the Llama family; raises naming what neither can represent
+        hf_export_arch(model.config)
+        return
     bad = gpt2_blockers(model.config)
     if bad:
         raise CheckpointError(
@@ -157,11 +170,11 @@ def _blocked(model, fmt: str) -> None:
 
 
 def write_hf(model, tok, out: Path, dtype: str = "float32") -> None:
-    _blocked(model, "hf")
-    sd = state_dict_to_hf(model.state_dict(), model.config)
+    llama = hf_export_arch(model.config) != "gpt2"
+    sd = (state_dict_to_llama if llama else state_dict_to_hf)(model.state_dict(), model.config)
     sd = {k: v.to(DTYPES[dtype]) for k, v in sd.items()}
     _save_safetensors(sd, out / "model.safetensors", {"format": "pt"})
-    cfg = hf_config_dict(model.config, tok, dtype)
+    cfg = (llama_config_dict if llama else hf_config_dict)(model.config, tok, dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     save_hf_tokenizer(tok, out, model.config.block_size)
 

@@ -1,7 +1,9 @@
-"""Hugging Face GPT-2 directories <-> microgpt, with no `transformers` import.
+"""Hugging Face model directories <-> microgpt, with no `transformers` import.
 
 Loading a local directory (`config.json` + `model.safetensors` or `pytorch_model.bin`, the layout of
-`gpt2`, `distilgpt2`, ... and of `save_pretrained`) maps GPT-2's weights onto microgpt's components:
+the hub and of `save_pretrained`) maps its weights onto microgpt's components. Two families:
+
+GPT-2 (model_type gpt2: gpt2, distilgpt2, ...):
 
     GPT-2 (HF)                        microgpt
     wte, wpe                          wte, pos.wpe                 (learned positions)
@@ -12,8 +14,23 @@ Loading a local directory (`config.json` + `model.safetensors` or `pytorch_model
     lm_head (tied to wte)             no module: the head reads wte.weight
 
 GPT-2 stores its projections as `Conv1D` weights of shape (in, out); nn.Linear's are (out, in), so
-every projection is transposed on the way in and on the way out. Weights are read with safetensors,
-or with `torch.load(weights_only=True)`: a pickle is never executed.
+every projection is transposed on the way in and on the way out.
+
+Llama family (model_type llama: SmolLM/SmolLM2, TinyLlama; qwen2: Qwen2/2.5; mistral): position=rope,
+norm=rmsnorm, mlp=swiglu, attention mha/gqa/mqa (Mistral's sliding_window -> attention=sliding):
+
+    Llama (HF)                                    microgpt
+    model.embed_tokens                            wte
+    model.layers.i.input_layernorm                blocks.i.norm1             (RMSNorm, rms_norm_eps)
+    model.layers.i.self_attn.{q,k,v}_proj         blocks.i.attn.qkv          (rows stacked [q | k | v])
+    model.layers.i.self_attn.o_proj               blocks.i.attn.proj
+    model.layers.i.post_attention_layernorm       blocks.i.norm2
+    model.layers.i.mlp.{gate,up,down}_proj        blocks.i.mlp.{gate,fc,proj}
+    model.norm, lm_head (or tied)                 norm_f, lm_head (or none: tie_embeddings)
+
+HF's q/k rows are already in the "rotate halves" order microgpt's RoPE uses, so no permutation is
+needed. Weights are read with safetensors, or with `torch.load(weights_only=True)`: a pickle is never
+executed.
 """
 
 from __future__ import annotations
@@ -32,8 +49,15 @@ from microgpt.errors import CheckpointError, ConfigError
 
 __all__ = [
     "HF_TOKENIZER_FILES",
+    "LLAMA_FAMILY",
     "gpt2_blockers",
     "gpt_config_from_hf",
+    "hf_export_arch",
+    "llama_blockers",
+    "llama_config_from_hf",
+    "llama_config_dict",
+    "state_dict_from_llama",
+    "state_dict_to_llama",
     "hf_config_dict",
     "hf_dir_checkpoint",
     "fetch_hub",
@@ -85,11 +109,23 @@ _TOP = {
 
 
 HUB_PREFIX = "hf:"
-_HUB_FILES = ["config.json", "*.safetensors", SAFETENSORS_INDEX, "vocab.json", "merges.txt", "tokenizer.json"]
+_HUB_FILES = [
+    "config.json",
+    "*.safetensors",
+    SAFETENSORS_INDEX,
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+]
 
 
 def fetch_hub(spec: str) -> Path:
-    """`hf:gpt2` (or `hf:org/name@revision`) -> a local snapshot directory with weights and tokenizer.
+    """`hf:gpt2`, `hf:HuggingFaceTB/SmolLM2-135M` (or `hf:org/name@revision`) -> a local snapshot directory
+    with weights, tokenizer and chat template.
 
     Uses huggingface_hub's cache (offline mode reads only what is cached); never pytorch_model.bin."""
     name = spec[len(HUB_PREFIX) :]
@@ -106,7 +142,7 @@ def fetch_hub(spec: str) -> Path:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"cannot fetch {spec} from the Hugging Face hub ({type(e).__name__}: {first}); without network "
-            "access download the model elsewhere and pass its local directory"
+            f"access download the model elsewhere and pass its local directory instead (e.g. init_from=/path/to/{repo.split('/')[-1]})"
         ) from None
 
 
@@ -235,9 +271,11 @@ def _unexpected(names: list[str], n_layer: int | None) -> list[str]:
 
 
 def gpt_config_from_hf(hf: dict[str, Any], path: str | os.PathLike = "") -> GPTConfig:
-    """GPT-2's config.json -> GPTConfig; a CheckpointError naming what GPT-2 feature microgpt lacks."""
+    """An HF config.json (GPT-2 or Llama family) -> GPTConfig; a CheckpointError naming what microgpt lacks."""
     p = Path(path)
     model_type = hf.get("model_type")
+    if model_type in LLAMA_FAMILY:
+        return llama_config_from_hf(hf, p)
     if model_type != "gpt2":
         arch = ", ".join(hf.get("architectures") or []) or "unknown architecture"
         detail = ""
@@ -246,9 +284,10 @@ def gpt_config_from_hf(hf: dict[str, Any], path: str | os.PathLike = "") -> GPTC
             detail = f": unexpected keys {_describe(bad)}" if bad else ""
         except CheckpointError:
             pass
+        known = ", ".join(f"{t} ({a})" for t, a in {"gpt2": "GPT2LMHeadModel", **LLAMA_FAMILY}.items())
         raise CheckpointError(
-            f"HF directory {p} holds a '{model_type}' model ({arch}), not GPT-2{detail}; microgpt loads the GPT-2 "
-            "layout (model_type gpt2: gpt2, distilgpt2, gpt2-medium, ...)"
+            f"HF directory {p} holds a '{model_type}' model ({arch}), an architecture microgpt does not load{detail}; "
+            f"supported model_type: {known}"
         )
     act = hf.get("activation_function", "gelu_new")
     blockers = []
@@ -372,6 +411,16 @@ def save_hf_tokenizer(tok, out: Path, model_max_length: int) -> list[str]:
         return [MICROGPT_TOKENIZER]
     backend.save(str(out / "tokenizer.json"))
     written = ["tokenizer.json"]
+    if tok.special_tokens or tok.chat_template:  # a pretrained tokenizer: give its settings back as they were
+        tcfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": model_max_length,
+            **tok.special_tokens,
+        }
+        if tok.chat_template:
+            tcfg["chat_template"] = tok.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2), encoding="utf-8")
+        return [*written, "tokenizer_config.json"]
     model_kind = type(backend.model).__name__
     eot = backend.token_to_id("<|endoftext|>")
     tcfg: dict[str, Any] = {
@@ -393,10 +442,15 @@ def save_hf_tokenizer(tok, out: Path, model_max_length: int) -> list[str]:
 
 
 def hf_dir_checkpoint(path: str | os.PathLike, tokenizer: bool = True) -> dict[str, Any]:
-    """An HF GPT-2 directory in the shape of a microgpt checkpoint (what read_checkpoint returns)."""
+    """An HF GPT-2 / Llama-family directory in the shape of a microgpt checkpoint (what read_checkpoint returns)."""
     p = Path(path).expanduser()
-    cfg = gpt_config_from_hf(read_hf_config(p), p)
-    sd = state_dict_from_hf(read_hf_weights(p), cfg, p)  # type: ignore[arg-type]
+    hf = read_hf_config(p)
+    cfg = gpt_config_from_hf(hf, p)
+    weights = read_hf_weights(p)
+    if hf.get("model_type") in LLAMA_FAMILY:
+        sd = state_dict_from_llama(weights, cfg, p)  # type: ignore[arg-type]
+    else:
+        sd = state_dict_from_hf(weights, cfg, p)  # type: ignore[arg-type]
     hp: dict[str, Any] = {"model": cfg.to_dict(), "plugins": {}}
     if tokenizer:
         hp["tokenizer"] = load_hf_tokenizer(p, cfg.vocab_size).to_dict()
@@ -404,7 +458,7 @@ def hf_dir_checkpoint(path: str | os.PathLike, tokenizer: bool = True) -> dict[s
 
 
 def load_hf(path: str | os.PathLike, map_location: str | torch.device = "cpu", tokenizer: bool = True):
-    """(model, tokenizer) from a local HF GPT-2 directory; tokenizer is None when not asked for."""
+    """(model, tokenizer) from a local HF GPT-2 / Llama-family directory; tokenizer is None when not asked for."""
     from microgpt.checkpoint import model_from_checkpoint
     from microgpt.data.tokenizers import tokenizer_from_dict
 
@@ -493,3 +547,279 @@ def hf_config_dict(cfg: GPTConfig, tok, dtype: str = "float32") -> dict[str, Any
         "dtype": dtype,
         "torch_dtype": dtype,
     }
+
+
+# ---- the Llama family: Llama, Qwen2, Mistral -----------------------------------------------------------
+
+# model_type -> the architecture class transformers builds for it
+LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+SILU = ("silu", "swish")
+ROPE_TYPES = ("default", "linear", "llama3")  # microgpt's rope_inv_freq implements these
+# per-layer Llama weights: HF name -> microgpt name (q/k/v are stacked into attn.qkv separately)
+_LLAMA_LAYER = {
+    "input_layernorm.weight": "norm1.weight",
+    "self_attn.o_proj.weight": "attn.proj.weight",
+    "self_attn.o_proj.bias": "attn.proj.bias",
+    "post_attention_layernorm.weight": "norm2.weight",
+    "mlp.gate_proj.weight": "mlp.gate.weight",
+    "mlp.gate_proj.bias": "mlp.gate.bias",
+    "mlp.up_proj.weight": "mlp.fc.weight",
+    "mlp.up_proj.bias": "mlp.fc.bias",
+    "mlp.down_proj.weight": "mlp.proj.weight",
+    "mlp.down_proj.bias": "mlp.proj.bias",
+}
+_QKV = ("q_proj", "k_proj", "v_proj")
+_LLAMA_SKIP = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # old checkpoints saved RoPE's derived buffer
+
+
+def _rope_from_hf(hf: dict[str, Any], p: Path) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either config.json layout: transformers 5's `rope_parameters`
+    ({"rope_type", "rope_theta", ...}) or the older top-level `rope_theta` + `rope_scaling`."""
+    params = hf.get("rope_parameters") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise CheckpointError(f"HF config in {p} has per-layer-type RoPE parameters, which microgpt does not implement")
+    d = {**(hf.get("rope_scaling") or {}), **params}
+    kind = d.get("rope_type", d.get("type", "default"))
+    theta = float(d.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind not in ROPE_TYPES:
+        raise CheckpointError(
+            f"HF config in {p} uses rope scaling type {kind!r}, which microgpt does not implement "
+            f"(it implements {', '.join(ROPE_TYPES)})"
+        )
+    partial = d.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise CheckpointError(
+            f"HF config in {p} rotates part of each head (partial_rotary_factor={partial}); microgpt rotates whole heads"
+        )
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, {"rope_type": "linear", "factor": float(d["factor"])}
+    return theta, {
+        "rope_type": "llama3",
+        "factor": float(d["factor"]),
+        "low_freq_factor": float(d["low_freq_factor"]),
+        "high_freq_factor": float(d["high_freq_factor"]),
+        "original_max_position_embeddings": int(
+            d.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
+        ),
+    }
+
+
+def llama_config_from_hf(hf: dict[str, Any], path: str | os.PathLike = "") -> GPTConfig:
+    """A Llama / Qwen2 / Mistral config.json -> GPTConfig; a CheckpointError naming what microgpt lacks."""
+    p = Path(path)
+    kind = hf.get("model_type")
+    blockers = []
+    act = hf.get("hidden_act", "silu")
+    if act not in SILU:
+        blockers.append(f"hidden_act={act!r} (microgpt's swiglu gates with silu)")
+    layer_types = set(hf.get("layer_types") or [])
+    window = None
+    if kind == "mistral":
+        window = hf.get("sliding_window")
+    elif hf.get("use_sliding_window") or "sliding_attention" in layer_types:
+        blockers.append("use_sliding_window=true (a per-layer sliding window; microgpt slides on every layer or none)")
+    if layer_types - {"full_attention", "sliding_attention"}:
+        blockers.append(f"layer_types {sorted(layer_types)}")
+    attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if kind == "qwen2":
+        bias, qkv_bias = False, True  # Qwen2: biases on q, k, v; none on o_proj or the MLP
+    elif attn_bias != mlp_bias:
+        blockers.append(f"attention_bias={attn_bias} with mlp_bias={mlp_bias} (microgpt has both or neither)")
+        bias, qkv_bias = False, None
+    else:
+        bias, qkv_bias = attn_bias, None
+    if kind == "mistral" and window is not None and bias:
+        blockers.append("attention_bias=true with a sliding window")
+    if blockers:
+        raise CheckpointError(f"HF {kind} in {p} uses features microgpt does not implement: {'; '.join(blockers)}")
+    try:
+        theta, scaling = _rope_from_hf(hf, p)
+        n_head = int(hf["num_attention_heads"])
+        n_kv = int(hf.get("num_key_value_heads") or n_head)
+        attention = "sliding" if window is not None else ("mha" if n_kv == n_head else "gqa")
+        cfg = GPTConfig(
+            vocab_size=int(hf["vocab_size"]),
+            block_size=int(hf.get("max_position_embeddings", 2048)),
+            n_layer=int(hf["num_hidden_layers"]),
+            n_head=n_head,
+            n_kv_head=n_kv,
+            n_embd=int(hf["hidden_size"]),
+            head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // n_head),
+            mlp_hidden=int(hf["intermediate_size"]),
+            dropout=0.0,  # inference; fine-tuning sets its own (model.dropout)
+            bias=bias,
+            qkv_bias=qkv_bias,
+            attention=attention,
+            window=int(window) if window is not None else None,
+            position="rope",
+            rope_theta=theta,
+            rope_scaling=scaling,
+            norm="rmsnorm",
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            mlp="swiglu",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            init_std=float(hf.get("initializer_range", 0.02)),
+        )
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(
+            f"{p / 'config.json'} lacks the {kind} setting {e}; the HF directory is damaged"
+        ) from None
+    except (TypeError, ValueError, ConfigError) as e:
+        raise CheckpointError(f"{p / 'config.json'} holds an invalid {kind} config ({e})") from None
+    return cfg
+
+
+def _llama_strip(name: str) -> str:
+    return name[len("model.") :] if name.startswith("model.") else name
+
+
+def state_dict_from_llama(
+    weights: dict[str, torch.Tensor], cfg: GPTConfig, path: str | os.PathLike = ""
+) -> dict[str, torch.Tensor]:
+    """Llama-family tensors -> a microgpt state dict (float32), checking names and shapes."""
+    from microgpt.model import GPT
+
+    sd = {_llama_strip(k): v for k, v in weights.items() if not _LLAMA_SKIP.search(k)}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # some saves write the tied head out as well
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(hk: str, mk: str) -> None:
+        if hk in sd:
+            out[mk] = sd[hk]
+            used.add(hk)
+
+    take("embed_tokens.weight", "wte.weight")
+    take("norm.weight", "norm_f.weight")
+    take("lm_head.weight", "lm_head.weight")
+    for i in range(cfg.n_layer):
+        for hk, mk in _LLAMA_LAYER.items():
+            take(f"layers.{i}.{hk}", f"blocks.{i}.{mk}")
+        for part in ("weight", "bias"):
+            names = [f"layers.{i}.self_attn.{proj}.{part}" for proj in _QKV]
+            if all(n in sd for n in names):
+                out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([sd[n] for n in names], dim=0)
+                used.update(names)
+    bad = sorted(set(sd) - used)
+    if bad:
+        raise CheckpointError(
+            f"HF directory {path} has weights a {cfg.n_layer}-layer Llama-family model does not use: unexpected keys "
+            f"{_describe(bad)}; its config.json does not match its weights"
+        )
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    missing = sorted(set(shapes) - set(out))
+    if missing:
+        raise CheckpointError(f"HF directory {path} lacks weights its config.json needs: missing {_describe(missing)}")
+    wrong = [f"{k} {tuple(out[k].shape)} (expected {shapes[k]})" for k in shapes if tuple(out[k].shape) != shapes[k]]
+    if wrong:
+        raise CheckpointError(f"HF weights in {path} do not match their config.json: {_describe(wrong, 3)}")
+    return {k: v.to(torch.float32).contiguous() for k, v in out.items()}
+
+
+def llama_blockers(cfg: GPTConfig) -> list[str]:
+    """What in this model the Llama family (Llama, Qwen2, Mistral) cannot represent (empty: exportable)."""
+    out = []
+    if cfg.position != "rope":
+        out.append(f"position={cfg.position} (Llama uses rope)")
+    if cfg.norm != "rmsnorm":
+        out.append(f"norm={cfg.norm} (Llama uses rmsnorm)")
+    if cfg.mlp != "swiglu":
+        out.append(f"mlp={cfg.mlp} (Llama uses swiglu)")
+    if cfg.attention not in ("mha", "gqa", "mqa", "sliding"):
+        out.append(f"attention={cfg.attention} (a plugin's attention)")
+    qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+    if cfg.bias and not qkv_bias:
+        out.append("bias=true with qkv_bias=false (Llama's attention_bias covers q, k, v and o together)")
+    if cfg.attention == "sliding" and qkv_bias:
+        out.append("attention=sliding with biases (Mistral has none)")
+    if cfg.n_embd % cfg.n_head:
+        out.append(f"n_embd={cfg.n_embd} not divisible by n_head={cfg.n_head} (transformers requires it)")
+    if cfg.n_unique_layers is not None and cfg.n_unique_layers != cfg.n_layer:
+        out.append(f"cross-layer sharing (n_unique_layers={cfg.n_unique_layers} of n_layer={cfg.n_layer})")
+    if cfg.converters:
+        names = ", ".join(str(c.get("name")) for c in cfg.converters)
+        out.append(f"converted modules ({names}); export the model before conversion")
+    return out
+
+
+def hf_export_arch(cfg: GPTConfig) -> str:
+    """The transformers model_type that holds this model exactly (gpt2, llama, qwen2, mistral), else a
+    CheckpointError naming what neither family can represent."""
+    gpt2 = gpt2_blockers(cfg)
+    if not gpt2:
+        return "gpt2"
+    llama = llama_blockers(cfg)
+    if not llama:
+        if cfg.attention == "sliding":
+            return "mistral"
+        return "qwen2" if cfg.qkv_bias and not cfg.bias else "llama"
+    raise CheckpointError(
+        "format=hf writes GPT-2 or Llama-family architectures, which cannot represent this model: "
+        f"as GPT-2: {'; '.join(gpt2)}; as Llama: {'; '.join(llama)}; use format=safetensors or format=int8"
+    )
+
+
+def state_dict_to_llama(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """A microgpt state dict -> LlamaForCausalLM's (also Qwen2's and Mistral's) tensor names."""
+    out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["norm_f.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+    for i in range(cfg.n_layer):
+        for hk, mk in _LLAMA_LAYER.items():
+            if f"blocks.{i}.{mk}" in sd:
+                out[f"model.layers.{i}.{hk}"] = sd[f"blocks.{i}.{mk}"]
+        for part in ("weight", "bias"):
+            t = sd.get(f"blocks.{i}.attn.qkv.{part}")
+            if t is not None:
+                for proj, chunk in zip(_QKV, t.split(sizes, dim=0), strict=True):
+                    out[f"model.layers.{i}.self_attn.{proj}.{part}"] = chunk
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def llama_config_dict(cfg: GPTConfig, tok, dtype: str = "float32") -> dict[str, Any]:
+    """config.json for the model_type hf_export_arch picks, readable by transformers 4.x and 5.x."""
+    kind = hf_export_arch(cfg)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+        rope["rope_type"] = rope.pop("type", rope.get("rope_type"))
+    d: dict[str, Any] = {
+        "architectures": [LLAMA_FAMILY[kind]],
+        "model_type": kind,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_theta": cfg.rope_theta,  # transformers 4.x reads these two ...
+        "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"} if cfg.rope_scaling else None,
+        "rope_parameters": rope,  # ... and 5.x this one
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+    if kind == "llama":
+        d.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    elif kind == "qwen2":
+        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
+    else:
+        d.update(sliding_window=cfg.window)
+    return d

@@ -7,6 +7,8 @@ A position module has two hooks, so that absolute and rotary schemes fit one mod
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -33,8 +35,7 @@ class RotaryPosition(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        hd = cfg.head_dim
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         # not persistent: derived from the config, so checkpoints stay small and dtype-agnostic
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -44,6 +45,24 @@ class RotaryPosition(nn.Module):
     def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = torch.outer(pos.float(), self.inv_freq)  # (T, hd/2)
         return freqs.cos(), freqs.sin()
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """The rotation speed of each of the head_dim/2 pairs, (head_dim/2,), optionally rescaled for long context."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":  # position interpolation: every frequency slowed by the same factor
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":  # Llama 3.1: slow only the low frequencies, blend in between
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
 
 
 def apply_rotary(x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -47,6 +47,28 @@ class Tokenizer(ABC):
 
     name: ClassVar[str] = ""
     vocab_size: int
+    # a pretrained tokenizer's chat template (Jinja, as in tokenizer_config.json) and its named special
+    # tokens ({"eos_token": "<|im_end|>", ...}); None / {} for tokenizers trained here
+    chat_template: str | None = None
+    special_tokens: dict[str, str] = {}  # noqa: RUF012  (read-only class default)
+
+    def token_id(self, token: str | None) -> int | None:
+        """The id of one whole token (a special token's text), or None when the vocabulary lacks it."""
+        return None
+
+    @property
+    def eos_id(self) -> int | None:
+        """End-of-sequence id: the special eos_token, else GPT-2's <|endoftext|>, else None."""
+        eos = self.token_id(self.special_tokens.get("eos_token"))
+        return eos if eos is not None else self.token_id("<|endoftext|>")
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.special_tokens.get("bos_token"))
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.token_id(self.special_tokens.get("pad_token"))
 
     @classmethod
     @abstractmethod
@@ -197,23 +219,65 @@ def _encode_chunks(text: str, size: int = 1 << 16) -> list[str]:
     return out
 
 
-class _HFBacked(Tokenizer):
-    """A tokenizer wrapping a HF `tokenizers.Tokenizer`, stored as its JSON string."""
+_PER_CHAR_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Strip", "StripAccents"}
 
-    def __init__(self, tok: Any):
+
+def _chunk_safe(tok: Any) -> bool:
+    """Whether encoding newline-cut pieces gives the ids of the whole text (see _encode_chunks): true for
+    byte-level BPEs without a prefix space (GPT-2, SmolLM2, Qwen2); false where each piece would gain a
+    start-of-text marker (Metaspace / Prepend: SentencePiece-style Llama 2 tokenizers) or anything unknown."""
+    spec = json.loads(tok.to_str())
+
+    def kinds(node: Any) -> list[dict]:
+        if not isinstance(node, dict):
+            return []
+        subs = node.get("normalizers") or node.get("pretokenizers") or []
+        return [node] + [k for sub in subs for k in kinds(sub)] if subs else [node]
+
+    norms = [n.get("type") for n in kinds(spec.get("normalizer"))]
+    pres = kinds(spec.get("pre_tokenizer"))
+    byte_level = [p for p in pres if p.get("type") == "ByteLevel"]
+    return (
+        all(n in _PER_CHAR_NORMALIZERS | {"Sequence"} for n in norms)
+        and bool(byte_level)
+        and not any(p.get("add_prefix_space") for p in byte_level)
+        and not any(p.get("type") == "Metaspace" for p in pres)
+    )
+
+
+class _HFBacked(Tokenizer):
+    """A tokenizer wrapping a HF `tokenizers.Tokenizer`, stored as its JSON string (with the chat template
+    and named special tokens of a pretrained one, when it has them)."""
+
+    def __init__(self, tok: Any, chat_template: str | None = None, special_tokens: dict[str, str] | None = None):
         self.tok = tok
         self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})
+        self._chunk_ok: bool | None = None  # whether encode_array may cut the text (decided on first use)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> _HFBacked:
         from tokenizers import Tokenizer as HFTok
 
-        return cls(HFTok.from_str(d["tokenizer_json"]))
+        return cls(HFTok.from_str(d["tokenizer_json"]), d.get("chat_template"), d.get("special_tokens"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "vocab_size": self.vocab_size, "tokenizer_json": self.tok.to_str()}
+        d = {"name": self.name, "vocab_size": self.vocab_size, "tokenizer_json": self.tok.to_str()}
+        if self.chat_template is not None:
+            d["chat_template"] = self.chat_template
+        if self.special_tokens:
+            d["special_tokens"] = dict(self.special_tokens)
+        return d
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tok.token_to_id(token)
 
     def encode_array(self, text: str) -> np.ndarray:
+        if self._chunk_ok is None:
+            self._chunk_ok = _chunk_safe(self.tok)
+        if not self._chunk_ok:  # e.g. SentencePiece-style (Llama 2, TinyLlama): one piece, exactly
+            return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
         encs = self.tok.encode_batch(_encode_chunks(text), add_special_tokens=False)
         if not encs:
             return np.zeros(0, dtype=np.int64)
@@ -273,12 +337,12 @@ class HFTokenizer(_HFBacked):
 
         p = Path(path).expanduser()
         if (p / "tokenizer.json").is_file():
-            return cls(HFTok.from_file(str(p / "tokenizer.json")))
+            return cls(HFTok.from_file(str(p / "tokenizer.json")), *read_tokenizer_meta(p))
         if (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
             tok = _byte_level(HFTok(models.BPE.from_file(str(p / "vocab.json"), str(p / "merges.txt"))))
             if tok.token_to_id("<|endoftext|>") is not None:  # GPT-2's separator is one token, as in transformers
                 tok.add_special_tokens(["<|endoftext|>"])
-            return cls(tok)
+            return cls(tok, *read_tokenizer_meta(p))
         raise DataError(
             f"tokenizer directory {p} has neither tokenizer.json nor vocab.json + merges.txt; "
             "pass a directory holding those files with data.tokenizer_path=..."
@@ -292,6 +356,52 @@ class HFTokenizer(_HFBacked):
                 "or vocab.json + merges.txt)"
             )
         return cls.from_dir(path)
+
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _token_text(v: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict {"content": ...}."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def read_tokenizer_meta(path: str | Path) -> tuple[str | None, dict[str, str]]:
+    """(chat template, {bos_token/eos_token/unk_token/pad_token: text}) of an HF tokenizer directory.
+
+    Read as transformers does: chat_template.jinja, else chat_template.json, else tokenizer_config.json's
+    "chat_template" (a string, or a list of named templates: the "default" one); special tokens from
+    tokenizer_config.json, then special_tokens_map.json. Missing files give (None, {})."""
+    p = Path(path)
+
+    def read_json(name: str) -> dict[str, Any]:
+        f = p / name
+        if not f.is_file():
+            return {}
+        try:
+            d = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{f} is damaged ({type(e).__name__}: {e}); copy the base model's file again") from None
+        return d if isinstance(d, dict) else {}
+
+    tcfg = read_json("tokenizer_config.json")
+    template: Any = None
+    if (p / "chat_template.jinja").is_file():
+        template = (p / "chat_template.jinja").read_text(encoding="utf-8")
+    else:
+        template = read_json("chat_template.json").get("chat_template", tcfg.get("chat_template"))
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    special: dict[str, str] = {}
+    for source in (read_json("special_tokens_map.json"), tcfg):
+        for k in SPECIAL_TOKEN_KEYS:
+            text = _token_text(source.get(k))
+            if text is not None:
+                special[k] = text
+    return (template if isinstance(template, str) else None), special
 
 
 def build_tokenizer(name: str, text: str, vocab_size: int | None = None, path: str | None = None) -> Tokenizer:
