@@ -91,6 +91,9 @@ CASES: dict[str, Case] = {
     "generate-missing-prompt-file": Case(
         ("ckpt=/nonexistent", "prompt_file={d}/missing.txt"), ("{d}/missing.txt",), module="microgpt.generate"
     ),
+    "generate-prompt-hydra-cannot-lex": Case(
+        ("ckpt=/nonexistent", "prompt=it's"), ("prompt=it's", "prompt_file=", "prompt=-"), module="microgpt.generate"
+    ),
     "export-no-out": Case(("ckpt={d}/corrupt.ckpt",), ("out",), module="microgpt.export"),
     "report-read-only-out": Case(
         ("model={d}/corrupt.ckpt", "out=/sys/microgpt-report", "png=false"),

@@ -108,7 +108,7 @@ def error_line(e: BaseException) -> str | None:
 
 
 def _hydra_one_line(ex: BaseException) -> str | None:
-    from hydra.errors import HydraException, InstantiationException, MissingConfigException
+    from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
 
     if isinstance(ex, MissingConfigException):
         # "Could not find 'model/huge'\n\nAvailable options in 'model':\n\tbase\n\t..."
@@ -129,7 +129,10 @@ def _hydra_one_line(ex: BaseException) -> str | None:
         parts = [str(ex)] + ([str(ex.__cause__)] if ex.__cause__ is not None else [])
         lines = [ln.strip() for p in parts for ln in p.splitlines() if ln.strip() and not ln.startswith("    ")]
         lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type="))]
-        return "error: " + "; ".join(dict.fromkeys(ln.rstrip(".") for ln in lines))
+        line = "error: " + "; ".join(dict.fromkeys(ln.rstrip(".") for ln in lines))
+        if isinstance(ex, OverrideParseException):
+            line += "; quote the value for Hydra inside the shell's quotes ('key=\"it'\\''s\"'), or for a prompt use prompt_file=PATH or prompt=- (stdin)"
+        return line
     return None
 
 
