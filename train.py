@@ -4,8 +4,8 @@ import hydra
 from omegaconf import DictConfig
 
 from microgpt.cli import CONF_DIR, exit_on_error, quiet_env
-from microgpt.sweep import objective
-from microgpt.train import run
+from microgpt.training.objective import objective
+from microgpt.training.train import run
 
 quiet_env()
 

@@ -54,13 +54,13 @@ def _noop(*args, **kwargs) -> None:
 
 
 def _training_step():
-    """src/microgpt/lit.py's LitGPT.training_step with `no-log` / `no-isfinite` / `logall` switchable."""
+    """src/microgpt/training/lit.py's LitGPT.training_step with `no-log` / `no-isfinite` / `logall` switchable."""
     import math
 
     from microgpt.errors import TrainingError
 
     def training_step(self, batch, batch_idx: int):
-        out = self.objective(self, batch)
+        out = self.compute_loss(batch)
         loss = out["loss"]
         if "isfinite" not in OFF and not math.isfinite(loss.item()):
             raise TrainingError(f"loss is {loss.item()} at step {self.global_step}")
@@ -68,7 +68,7 @@ def _training_step():
         if log:
             self.log("train_loss", loss, prog_bar=True)
             for k, v in out.items():
-                if k != "loss":
+                if k not in ("loss", "logits"):
                     self.log(f"train_{k}", v)
         return loss
 

@@ -391,3 +391,34 @@ def test_weight_decay_groups(decay_embeddings):
     rest = set(names.values()) - by_wd[0.1]
     assert rest == by_wd[0.0] and all(n.endswith("bias") or "norm" in n or n in embeddings for n in rest)
     assert any(n.endswith("bias") for n in rest) and any("norm" in n for n in rest)
+
+
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_weight_decay_by_dimension_keeps_the_groups_of_every_shipped_preset(decay_embeddings):
+    """Decay is chosen by tensor dimension (nanoGPT): the shipped presets get the groups they had under the
+    old name rule (matrices but not the embedding tables, unless decay_embeddings), and a plugin's matrix
+    whose name happens to contain "emb" is decayed like any matrix."""
+    import torch
+
+    from microgpt.lit import LitGPT
+    from microgpt.train import model_config
+
+    for preset in MODEL_PRESETS:
+        mcfg = model_config(cfg_of(f"model={preset}", "model.n_layer=2", "model.block_size=16"), 65)
+        module = LitGPT(
+            model=mcfg.to_dict(),
+            optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
+            decay_embeddings=decay_embeddings,
+        )
+        module.add_trainable("emb_proj", torch.nn.Linear(4, 4, bias=True))
+        opt = module.configure_optimizers()["optimizer"]
+        names = {id(p): n for n, p in module.named_parameters()}
+        decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+        # the old rule, written out: 2-D and (decay_embeddings or no "wte"/"wpe"/"emb" in the name)
+        old = {
+            n
+            for n, p in module.model.named_parameters(prefix="model")
+            if p.dim() >= 2 and (decay_embeddings or not any(s in n for s in ("wte", "wpe", "emb")))
+        }
+        assert decayed == old | {"emb_proj.weight"}, preset
+        assert ("model.wte.weight" in decayed) is decay_embeddings

@@ -17,7 +17,7 @@ import microgpt
 from microgpt.config import GPTConfig
 from microgpt.errors import ConfigError
 from microgpt.model import GPT, build_model
-from microgpt.plugins import load_plugin
+from microgpt.plugins import check_plugins, load_plugin
 
 prune = load_plugin("prune")
 V = 13
@@ -141,20 +141,23 @@ def test_mask_grads_and_reapply_keep_pruned_weights_zero_under_adamw():
     assert prune.sparsity_of(model) == pytest.approx(0.5, abs=1e-3)
 
 
-def test_l1_objective_adds_weight_times_mean_abs():
+def test_l1_term_is_weight_times_mean_abs_of_the_model_it_finds():
     class M:
         model = make()
 
-    def base(module, b):
-        return {"loss": torch.tensor(2.0)}
-
-    names = prune.target_names(M.model, ["blocks.*.weight"])
-    out = prune.L1Objective(base, 0.5, names)(M, None)
+    term = prune.L1Term(0.5, ["blocks.*.weight"])
+    out = term(M, None, {"loss": torch.tensor(2.0)})
     ws = [p for n, p in M.model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
     mean_abs = torch.cat([w.detach().abs().flatten() for w in ws]).mean()
     assert float(out["l1"]) == pytest.approx(float(mean_abs), rel=1e-5)
-    assert float(out["loss"].detach()) == pytest.approx(2.0 + 0.5 * float(mean_abs), rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(0.5 * float(mean_abs), rel=1e-5)
     assert out["loss"].requires_grad
+    # another plugin (share) may replace the model after prune's prepare: the term follows it
+    M.model = make()
+    with torch.no_grad():
+        for p in M.model.parameters():
+            p.fill_(0.25)
+    assert float(term(M, None, {})["l1"]) == pytest.approx(0.25)
 
 
 def test_bake_drops_masks_and_converter():
@@ -452,8 +455,10 @@ def test_compose_adds_converter_and_callback_and_checks(tmp_path):
     assert cfg.callbacks.prune._target_ == "microgpt_plugins.prune.Prune"
     mc = model_config(cfg, 50)
     assert mc.converters == [{"name": "prune", "targets": ["blocks.*.weight"], "enabled": True}]
-    prune.check_config(cfg)
-    prune.check_config(compose(["+plugin=prune", "strategy=deepspeed"], tmp_path))  # ZeRO-2: whole params
+    mods = {"prune": prune}
+    check_plugins(cfg, mods)
+    check_plugins(compose(["+plugin=prune", "strategy=deepspeed"], tmp_path), mods)  # ZeRO-2: whole params
+    check_plugins(compose(["+plugin=prune", "strategy=fsdp", "plugins.prune.sparsity=0"], tmp_path), mods)
     for bad, msg in [
         ("plugins.prune.sparsity=1.0", "sparsity"),
         ("plugins.prune.end_step=0", "start_step < end_step"),
@@ -462,7 +467,7 @@ def test_compose_adds_converter_and_callback_and_checks(tmp_path):
         ("strategy=deepspeed_stage_3", "shards"),
     ]:
         with pytest.raises(ConfigError, match=msg):
-            prune.check_config(compose(["+plugin=prune", bad], tmp_path))
+            check_plugins(compose(["+plugin=prune", bad], tmp_path), mods)
 
 
 # ---------------------------------------------------------------- training runs

@@ -399,7 +399,7 @@ def test_convert_command_writes_the_artifact(qat_run, tmp_path, text):
 
     with pytest.raises(CheckpointError, match="does not exist"):
         convert.main([f"ckpt={tmp_path / 'missing.ckpt'}"])
-    with pytest.raises(ConfigError, match="unexpected argument 'model=nano'"):
+    with pytest.raises(ConfigError, match="unknown option 'model'"):
         convert.main([f"ckpt={out}", "model=nano"])
 
 

@@ -23,8 +23,8 @@ import torch
 from conftest import PY, ROOT, compose, run_cli
 
 import microgpt.train as train_mod
-from microgpt.atomic import TEMP_SUFFIX, DiskFullError, atomic_write
 from microgpt.errors import ConfigError
+from microgpt.io.atomic import TEMP_SUFFIX, DiskFullError, atomic_write
 
 pytestmark = pytest.mark.slow
 
@@ -267,7 +267,7 @@ def test_a_non_empty_run_dir_needs_ckpt_path_or_overwrite(tmp_path, text):
 
 
 def test_a_live_runs_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(tmp_path, text):
-    from microgpt.training_safety import LOCK_NAME
+    from microgpt.training.safety import LOCK_NAME
 
     run = tmp_path / "run"
     run.mkdir()

@@ -18,9 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from microgpt.checkpoint import model_from_checkpoint, read_checkpoint
 from microgpt.errors import ConfigError
-from microgpt.registry import OBJECTIVE
+from microgpt.io.checkpoint import model_from_checkpoint, read_checkpoint
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "js")
 
@@ -94,7 +93,7 @@ class DistillObjective:
         kd = divergence(s_logits, t_logits, self.temperature, self.kind) * self.temperature**2
         a = self.alpha_at(module.global_step)
         loss = (1 - a) * ce + a * kd
-        result = {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}
+        result = {"loss": loss, "ce": ce.detach(), "kd": kd.detach(), "logits": s_logits}
         if use_hidden:
             hid = sum(
                 F.mse_loss(module.distill_proj[str(si)](s_hidden[si]), t_hidden[ti].float())
@@ -103,9 +102,6 @@ class DistillObjective:
             loss = loss + self.hidden_weight * hid
             result.update(loss=loss, hidden=hid.detach())
         return result
-
-
-OBJECTIVE.register("distill")(DistillObjective)
 
 
 class Distill(L.Callback):
@@ -132,7 +128,7 @@ class Distill(L.Callback):
         """Called by microgpt.train.run before fit: load and check the teacher, add trainable pieces."""
         ckpt = read_checkpoint(self.path)
         t_tok = ckpt["hyper_parameters"].get("tokenizer")
-        s_tok = module.hparams.tokenizer
+        s_tok = module.tokenizer_record
         if t_tok != s_tok:
             t_v = ckpt["hyper_parameters"]["model"]["vocab_size"]
             raise ConfigError(
@@ -157,11 +153,13 @@ class Distill(L.Callback):
                 raise ConfigError(f"plugins.distill.layer_map has layers out of range: {bad}")
             # learned projections student width -> teacher width: part of the training state (resume),
             # not of the student model (microgpt.load reads only `model.*`)
-            module.distill_proj = nn.ModuleDict(
-                {str(s): nn.Linear(s_cfg.n_embd, t_cfg.n_embd, bias=False) for s in self.layer_map}
+            module.add_trainable(
+                "distill_proj",
+                nn.ModuleDict({str(s): nn.Linear(s_cfg.n_embd, t_cfg.n_embd, bias=False) for s in self.layer_map}),
             )
-        module.objective = DistillObjective(
-            teacher, hidden_weight=self.hidden_weight, layer_map=self.layer_map, **self.opts
+        module.set_objective(
+            DistillObjective(teacher, hidden_weight=self.hidden_weight, layer_map=self.layer_map, **self.opts),
+            owner="distill",
         )
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
-from omegaconf import OmegaConf
 
 from microgpt.errors import ConfigError
 
@@ -28,7 +27,7 @@ from .importance import METHODS, importance
 from .structured import apply_plan, plan, prune_structured, pruned_checkpoint, to_gqa
 from .unstructured import (
     DEFAULT_TARGETS,
-    L1Objective,
+    L1Term,
     add_masks,
     apply_masks_,
     bake_masks,
@@ -43,7 +42,7 @@ from .unstructured import (
 
 __all__ = [
     "METHODS",
-    "L1Objective",
+    "L1Term",
     "Prune",
     "add_masks",
     "apply_masks_",
@@ -60,20 +59,14 @@ __all__ = [
 ]
 
 
-def _shards_parameters(cfg) -> str | None:
-    """The strategy's name if it shards parameters (a mask needs the whole matrix on every rank)."""
-    s = cfg.get("trainer", {}).get("strategy")
-    if s is None:
-        return None
-    s = OmegaConf.to_container(s, resolve=False) if OmegaConf.is_config(s) else s
-    name = str(s.get("_target_", "") if isinstance(s, dict) else s).lower()
-    if (
-        "fsdp" in name
-        or "modelparallel" in name
-        or (isinstance(s, dict) and "deepspeed" in name and s.get("stage") == 3)
-    ):
-        return name
-    return None
+def needs_full_weights(cfg) -> bool:
+    """Masks need the whole weight matrix on every rank (the contract refuses sharding strategies)."""
+    return cfg.plugins.prune.sparsity > 0
+
+
+def bake(model):
+    """The contract's "plain weights" hook: apply the masks for good and drop them (see `bake_masks`)."""
+    return bake_masks(model)
 
 
 def check_config(cfg) -> None:
@@ -93,12 +86,6 @@ def check_config(cfg) -> None:
         raise ConfigError(f"plugins.prune.scope must be 'layer' or 'global', got {p.scope!r}")
     if p.l1 < 0:
         raise ConfigError(f"plugins.prune.l1 must be >= 0, got {p.l1}")
-    sharded = _shards_parameters(cfg)
-    if p.sparsity > 0 and sharded:
-        raise ConfigError(
-            f"unstructured pruning needs whole weight matrices on every rank, but trainer.strategy ({sharded}) "
-            "shards them; use strategy=auto, ddp or deepspeed (stage 2), or plugins.prune.sparsity=0"
-        )
 
 
 class Prune(L.Callback):
@@ -133,14 +120,13 @@ class Prune(L.Callback):
             specs = [c for c in model.config.converters if c.get("name") == "prune"]
             if specs:  # recorded but disabled: the checkpoint would not reload with masks added now
                 raise ConfigError("plugins.prune.sparsity > 0 needs masks, but model.converters.prune.enabled=false")
-            add_masks(model, self.targets)
-            # record the converter so checkpoints of this run rebuild the masks on load / resume
-            spec = {"name": "prune", "targets": list(self.targets), "enabled": True}
-            model.config.converters = [*model.config.converters, spec]
-            module.hparams["model"] = {**module.hparams["model"], "converters": list(model.config.converters)}
-        self.l1_names = target_names(model, self.targets)
-        if self.l1 > 0 and not self.l1_names:
+            # recorded in the model config, so checkpoints of this run rebuild the masks on load / resume
+            module.add_converter({"name": "prune", "targets": list(self.targets), "enabled": True})
+            model = module.model
+        if self.l1 > 0 and not target_names(model, self.targets):
             raise ConfigError(f"plugins.prune.targets {self.targets} match no weight matrix for the L1 term")
+        if self.l1 > 0:  # resolves its matrices on the model it finds (share may replace the model after us)
+            module.add_loss_term("prune_l1", L1Term(self.l1, self.targets))
         self._prepared = True
 
     def end_step(self, trainer) -> int:
@@ -152,9 +138,6 @@ class Prune(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if not self._prepared:  # used outside microgpt.train.run
             self.prepare(pl_module, trainer.datamodule)
-        # wrap last, after every plugin's prepare() (distill replaces the objective there)
-        if self.l1 > 0 and not isinstance(pl_module.objective, L1Objective):
-            pl_module.objective = L1Objective(pl_module.objective, self.l1, self.l1_names)
         self._end = self.end_step(trainer)
         apply_masks_(pl_module.model)
 

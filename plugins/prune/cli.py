@@ -45,33 +45,15 @@ OPTIONS = {
 }
 
 
-def _value(s: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(s)
-        except ValueError:
-            pass
-    return {"null": None, "none": None, "true": True, "false": False}.get(s.lower(), s)
-
-
 def parse(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     """key=value options for this command, and the rest (data.*, seed=...) as Hydra overrides."""
-    from microgpt.errors import ConfigError
+    from microgpt.keyvalue import KeyValueCommand
 
-    opts, overrides = dict(OPTIONS), []
-    for a in argv:
-        key, eq, val = a.partition("=")
-        if not eq:
-            raise ConfigError(f"arguments are key=value, got {a!r}; see `python plugins/prune/cli.py --help`")
-        if key in OPTIONS:
-            opts[key] = _value(val)
-        elif key.lstrip("+~").split(".")[0] in ("data", "paths", "seed"):
-            overrides.append(a)
-        else:
-            raise ConfigError(f"unknown option {key!r}; options: {', '.join(OPTIONS)}, and data.* settings")
-    if not opts["ckpt"]:
-        raise ConfigError("ckpt=PATH is required (a .ckpt file or a run directory)")
-    return opts, overrides
+    command = KeyValueCommand(
+        "python plugins/prune/cli.py", __doc__, OPTIONS, required=("ckpt",), overrides=("data", "paths", "seed")
+    )
+    args = command.parse(argv)
+    return args.options, args.overrides
 
 
 def batches_for(ckpt: dict, model, tokenizer, overrides: list[str], n: int):
@@ -80,7 +62,7 @@ def batches_for(ckpt: dict, model, tokenizer, overrides: list[str], n: int):
 
     from microgpt.cli import CONF_DIR
     from microgpt.errors import ConfigError
-    from microgpt.train import _instantiate
+    from microgpt.training.train import build_from_config
 
     if not any(o.lstrip("+~").startswith("data") for o in overrides):
         saved = ckpt.get("TokenDataModule") or {}
@@ -96,16 +78,16 @@ def batches_for(ckpt: dict, model, tokenizer, overrides: list[str], n: int):
             )
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=["ckpt=unused", *overrides])
-    dm = _instantiate(cfg.data, "data", tokenizer_obj=tokenizer, block_size=model.config.block_size)
+    dm = build_from_config(cfg.data, "data", tokenizer_obj=tokenizer, block_size=model.config.block_size)
     dm.setup("fit")
     ds = dm.train_dataset()
     return [ds.batch(k) for k in range(n)]
 
 
 def run(argv: list[str]) -> dict[str, Any]:
-    from microgpt.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
     from microgpt.data.tokenizers import tokenizer_from_dict
     from microgpt.errors import ConfigError
+    from microgpt.io.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
     from microgpt.plugins import load_plugin
 
     prune = load_plugin("prune", extra_dirs=[Path(__file__).resolve().parents[1]])
@@ -156,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        parse(argv)  # prints the help and the keys
         return
     quiet_env()
     print(json.dumps(exit_on_error(run)(argv)), flush=True)

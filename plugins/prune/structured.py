@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from microgpt.config import GPTConfig
-from microgpt.errors import ConfigError
+from microgpt.errors import ConfigError, first_line
 from microgpt.model import GPT
 
 from .importance import head_mode
@@ -167,9 +167,7 @@ def apply_plan(model: GPT, p: dict[str, Any]) -> GPT:
     try:
         new.load_state_dict(out, strict=True)
     except RuntimeError as e:
-        raise ConfigError(
-            f"cannot prune this model's blocks ({str(e).splitlines()[0]}); unsupported component layout"
-        ) from None
+        raise ConfigError(f"cannot prune this model's blocks ({first_line(e)}); unsupported component layout") from None
     return new
 
 

@@ -185,22 +185,25 @@ def bake_masks(model: nn.Module) -> nn.Module:
     return model
 
 
-class L1Objective:
-    """Wraps a training objective: loss + weight * mean(|w|) over the target matrices (sparsity-inducing).
+class L1Term:
+    """A loss term (LitGPT.add_loss_term): weight * mean(|w|) over the target matrices (sparsity-inducing).
 
     The mean (not the sum) keeps `weight` meaningful across model sizes. Not an nn.Module: it holds no
     state of its own and must stay outside the LightningModule's module tree.
     """
 
-    def __init__(self, inner, weight: float, names: Sequence[str]):
-        self.inner = inner
+    def __init__(self, weight: float, targets: Sequence[str] = DEFAULT_TARGETS):
         self.weight = weight
-        self.names = list(names)
+        self.targets = list(targets)
+        self._names: tuple[int, list[str]] = (0, [])
 
-    def __call__(self, module, batch) -> dict[str, torch.Tensor]:
-        out = dict(self.inner(module, batch))
-        ps = [module.model.get_parameter(n) for n in self.names]
+    def names(self, model: nn.Module) -> list[str]:
+        """The target matrices of `model` (looked up again when another plugin replaced the model)."""
+        if self._names[0] != id(model):
+            self._names = (id(model), target_names(model, self.targets))
+        return self._names[1]
+
+    def __call__(self, module, batch, out) -> dict[str, torch.Tensor]:
+        ps = [module.model.get_parameter(n) for n in self.names(module.model)]
         l1 = sum(p.abs().sum() for p in ps) / sum(p.numel() for p in ps)
-        out["loss"] = out["loss"] + self.weight * l1
-        out["l1"] = l1.detach()
-        return out
+        return {"loss": self.weight * l1, "l1": l1.detach()}

@@ -268,16 +268,17 @@ def load_quantized(path: str | os.PathLike):
     """`model, tokenizer = load_quantized("quantized.pt")`: the real-quantized GPT (eval, CPU)."""
     import torchao  # noqa: F401  (registers torchao's quantized tensor types as safe for weights_only)
 
-    from microgpt.checkpoint import import_recorded_plugins
     from microgpt.data.tokenizers import tokenizer_from_dict
+    from microgpt.io.checkpoint import import_recorded_plugins, safe_load
     from microgpt.model import build_model
 
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"quantized model {path} does not exist; convert a checkpoint first") from None
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a loadable quantized microgpt model ({type(e).__name__})") from None
+    if not Path(path).is_file():
+        raise CheckpointError(f"quantized model {path} does not exist; convert a checkpoint first")
+    blob = safe_load(
+        path,
+        corrupt="{path} is not a loadable quantized microgpt model ({error})",
+        unsafe="{path} is not a loadable quantized microgpt model ({error})",
+    )
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a microgpt quantized model (format {FORMAT})")
     import_recorded_plugins(blob)
@@ -334,8 +335,8 @@ def convert_checkpoint(
 
     batches_fn(tokenizer, block_size) may return val batches to compare the two models on.
     """
-    from microgpt.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
     from microgpt.data.tokenizers import tokenizer_from_dict
+    from microgpt.io.checkpoint import model_from_checkpoint, read_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(ckpt)
     ck = read_checkpoint(path)
@@ -349,17 +350,29 @@ def convert_checkpoint(
     return convert_and_save(model, out, hp.get("tokenizer"), hp.get("plugins"), batches, bpt)
 
 
+# ---- what the core asks of a qat model (microgpt.plugins contract) ----------------------------------------
+
+QUANTIZED_ARTIFACT = "quantized.pt"  # the artifact's name next to a run's checkpoints
+
+
+def write_quantized(model: nn.Module, path: str | os.PathLike, tokenizer: dict, plugins: dict) -> dict[str, Any]:
+    """Convert and write `model`'s quantized artifact: {"bytes", "kind"}."""
+    r = convert_and_save(model, path, tokenizer, plugins)
+    return {"bytes": r["bytes"], "kind": f"qat {r['scheme']}"}
+
+
+def describe_quantized(model: nn.Module) -> str:
+    """What a model read by `load_quantized` is, in a few words ("qat 8da4w")."""
+    specs = [c for c in model.config.converters if c.get("name") == "qat"]
+    return f"qat {specs[-1].get('scheme', '')}" if specs else "qat"
+
+
 # ---- training ------------------------------------------------------------------------------------------
 
 
-def _strategy_name(cfg) -> str:
-    s = cfg.get("trainer", {}).get("strategy", "auto")
-    if isinstance(s, str):
-        return s.lower()
-    try:
-        return f"{s.get('_target_', '')} {s.get('stage', '')}".lower()
-    except AttributeError:
-        return str(s).lower()
+def needs_full_weights(cfg) -> bool:
+    """torchao fake quantization needs whole weight matrices: the contract refuses sharding strategies."""
+    return True
 
 
 def check_config(cfg) -> None:
@@ -373,18 +386,11 @@ def check_config(cfg) -> None:
         raise ConfigError("plugins.qat is set but model.converters.qat is missing; enable the plugin with +plugin=qat")
     if not (cfg.get("callbacks") or {}).get("qat"):
         raise ConfigError("plugins.qat needs callbacks.qat (it switches fake quantization on at start_step)")
-    strategy = _strategy_name(cfg)
-    stage3 = "deepspeed" in strategy and ("stage_3" in strategy or strategy.endswith(" 3"))
-    if "fsdp" in strategy or "modelparallel" in strategy or stage3:
-        raise ConfigError(
-            f"plugins.qat cannot run with a strategy that shards the weights ({strategy}): torchao fake "
-            "quantization needs whole weight matrices; use strategy=auto, ddp or deepspeed stage 1/2"
-        )
     if cfg.get("init_from"):  # the widths are the base checkpoint's: the converter checks them in prepare
         return
     # the widths QAT will see: build the model skeleton on the meta device (no memory, no init cost)
     from microgpt.model import GPT
-    from microgpt.train import model_config
+    from microgpt.training.train import model_config
 
     mcfg = model_config(cfg, vocab_size=1)
     with torch.device("meta"):
@@ -420,12 +426,8 @@ class QAT(L.Callback):
     def prepare(self, module, datamodule) -> None:
         """Before fit. A model from `init_from=` keeps its checkpoint's converters: add qat to it and
         record the converter in this run's hyperparameters, so its checkpoints rebuild fake quantization."""
-        model = module.model
-        if not fake_quantized_linears(model):
-            qat(model, self.scheme, self.group_size)
-            spec = {"name": "qat", "scheme": self.scheme, "group_size": self.group_size}
-            model.config.converters = [*model.config.converters, spec]
-            module.hparams["model"] = {**module.hparams["model"], "converters": list(model.config.converters)}
+        if not fake_quantized_linears(module.model):
+            module.add_converter({"name": "qat", "scheme": self.scheme, "group_size": self.group_size})
         self.datamodule = datamodule
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -452,8 +454,9 @@ class QAT(L.Callback):
         dm = self.datamodule or trainer.datamodule
         batches = list(dm.val_dataloader()) if dm is not None else None
         bpt = getattr(dm, "bytes_per_token", None) or 1.0
-        hp = pl_module.hparams
-        self.report = convert_and_save(pl_module.model, out, hp.get("tokenizer"), hp.get("plugins"), batches, bpt)
+        self.report = convert_and_save(
+            pl_module.model, out, pl_module.tokenizer_record, pl_module.plugins_record, batches, bpt
+        )
         r = self.report
         msg = f"qat: wrote {out} ({r['bytes']:,} bytes, {r['compression']:.2f}x smaller than fp32 {r['fp32_state_dict_bytes']:,})"
         if "val_loss_quantized" in r:

@@ -16,22 +16,16 @@ import os
 import sys
 from pathlib import Path
 
-USAGE = "usage: python plugins/qat/convert.py ckpt=PATH [out=FILE] [text=FILE] [batch_size=16] [max_batches=N]"
 KEYS = ("ckpt", "out", "text", "batch_size", "max_batches")
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    from microgpt.errors import ConfigError
+    from microgpt.keyvalue import KeyValueCommand
 
-    args = {}
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if not sep or key not in KEYS:
-            raise ConfigError(f"unexpected argument {a!r}; {USAGE}")
-        args[key] = value
-    if not args.get("ckpt"):
-        raise ConfigError(f"ckpt=PATH is required; {USAGE}")
-    return args
+    command = KeyValueCommand(
+        "python plugins/qat/convert.py", __doc__, dict.fromkeys(KEYS), required=("ckpt",), typed=False
+    )
+    return {k: v for k, v in command.parse(argv).options.items() if v is not None}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -31,7 +31,7 @@ import lightning as L
 import torch
 
 from microgpt.config import GPTConfig
-from microgpt.errors import CheckpointError, ConfigError
+from microgpt.errors import CheckpointError, ConfigError, first_line
 
 __all__ = ["Share", "check_config", "fold_state_dict", "groups", "resolve_n_unique", "share_model"]
 
@@ -150,7 +150,7 @@ def share_model(model, n_unique: Any = 0.5, tie_embeddings: bool = True):
     try:
         new.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"cannot share this model's weights ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"cannot share this model's weights ({first_line(e)})") from None
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     for n, p in new.named_parameters():
         if n in frozen:
@@ -173,15 +173,8 @@ def check_config(cfg) -> None:
             "best.ckpt); to train a shared model from scratch set model.n_unique_layers=K (and "
             "model.tie_embeddings=true) instead"
         )
-    callbacks = list((cfg.get("callbacks") or {}).keys())
-    if "share" not in callbacks or not cfg.callbacks.share:
+    if not (cfg.get("callbacks") or {}).get("share"):
         raise ConfigError("plugins.share needs callbacks.share (it shares the layers); enable it with +plugin=share")
-    prune = (cfg.plugins.get("prune") or {}) if "prune" in callbacks else {}
-    if prune and (prune.get("l1") or 0) > 0 and callbacks.index("prune") < callbacks.index("share"):
-        raise ConfigError(
-            "plugins.prune.l1 records the weights it regularises before share removes layers: list share first, "
-            "'+plugin=[share,prune]'"
-        )
 
 
 class Share(L.Callback):
@@ -203,9 +196,8 @@ class Share(L.Callback):
         if new is old:
             self.summary = {"changed": False, "params": before}
             return
-        module.model = new
         # the run's checkpoints record the shared architecture: microgpt.load and resume rebuild it directly
-        module.hparams["model"] = new.config.to_dict()
+        module.replace_model(new)
         after = new.num_params(non_embedding=False)
         self.summary = {
             "changed": True,

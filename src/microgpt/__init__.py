@@ -4,8 +4,11 @@ model, tokenizer = microgpt.load("outputs/.../checkpoints/last.ckpt")
 logits = model(torch.tensor([tokenizer.encode("hello")]))   # (1, T, vocab)
 """
 
+from microgpt import _moved
 from microgpt.config import GPTConfig
 from microgpt.model import GPT, build_model
+
+_moved.install()  # old names (microgpt.train, microgpt.checkpoint, ...) of modules in training/ and io/
 
 __version__ = "0.1.0"
 __all__ = ["GPT", "GPTConfig", "build_model", "load", "__version__"]

@@ -47,7 +47,7 @@ def exit_on_error(fn: Callable) -> Callable:
             stopped = getattr(e, "exit_code", None) is not None and hasattr(e, "signum")
             line = error_line(e)
             if stopped:  # StoppedBySignal: a resumable checkpoint was saved
-                from microgpt.training_safety import resume_command
+                from microgpt.training.safety import resume_command
 
                 if getattr(e, "rank_zero", True):  # once, not from every rank
                     print(f"{e}\nresume with: {resume_command(_run_dir())}", file=sys.stderr, flush=True)

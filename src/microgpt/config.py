@@ -48,8 +48,6 @@ class GPTConfig:
     # structural transforms applied after build, in order, e.g. [{"name": "qat", "scheme": "8da4w"}];
     # recorded here so that loading a checkpoint rebuilds the converted module tree before its weights
     converters: list[dict[str, Any]] = field(default_factory=list)
-    # free-form options for components registered by plugins (keeps GPTConfig closed to typos)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -118,6 +116,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        if d.get("extra", None) == {}:  # checkpoints written before the unused `extra` field was removed
+            d = {k: v for k, v in d.items() if k != "extra"}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -29,3 +29,10 @@ class CheckpointError(MicroGPTError):
 
 class TrainingError(MicroGPTError):
     """Training cannot go on (e.g. the loss became NaN)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type's name when it has none): what a
+    one-line `error: ...` quotes of a library's error."""
+    s = str(error).strip()
+    return s.splitlines()[0] if s else type(error).__name__

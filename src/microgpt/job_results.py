@@ -42,7 +42,7 @@ class Job:
     path: Path
 
     def _write(self, doc: dict[str, Any]) -> None:
-        from microgpt.training_safety import write_json
+        from microgpt.training.safety import write_json
 
         base = {
             "num": self.num,
@@ -87,7 +87,7 @@ def current_job() -> Job | None:
         hc = HydraConfig.get()
         if hc.mode != RunMode.MULTIRUN:
             return None
-        from microgpt.training_safety import launched_rank_zero
+        from microgpt.training.safety import launched_rank_zero
 
         if not launched_rank_zero():  # one record per job, written by its first task
             return None

@@ -31,9 +31,8 @@ class UnknownComponentError(ConfigError, KeyError):
 class Registry(Generic[T]):
     """A name -> builder map with a decorator for registration and one-line errors."""
 
-    def __init__(self, kind: str, doc: str = ""):
+    def __init__(self, kind: str):
         self.kind = kind
-        self.doc = doc
         self._entries: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -68,16 +67,14 @@ class Registry(Generic[T]):
 
 
 # Model components: each is an nn.Module class built as cls(cfg: GPTConfig, **options).
-ATTENTION: Registry = Registry("attention", "causal self-attention: (B, T, C) -> (B, T, C), with a KV cache")
-MLP: Registry = Registry("mlp", "position-wise feed-forward: (B, T, C) -> (B, T, C)")
-NORM: Registry = Registry("norm", "normalisation over the last dim: (B, T, C) -> (B, T, C)")
-POSITION: Registry = Registry("position", "positional information: token embeddings or q/k rotation")
+ATTENTION: Registry = Registry("attention")  # causal self-attention: (B, T, C) -> (B, T, C), with a KV cache
+MLP: Registry = Registry("mlp")  # position-wise feed-forward: (B, T, C) -> (B, T, C)
+NORM: Registry = Registry("norm")  # normalisation over the last dim: (B, T, C) -> (B, T, C)
+POSITION: Registry = Registry("position")  # positional information: token embeddings or q/k rotation
 # Model converters: callables (model, **options) -> model that change a built model's structure
 # (QAT, pruning, sharing). Recorded in the checkpoint so `microgpt.load` reapplies them in order.
-CONVERTER: Registry = Registry("converter", "model -> model structural transform, replayed on load")
+CONVERTER: Registry = Registry("converter")  # model -> model structural transform, replayed on load
 # Tokenizers: classes with encode/decode/to_dict, rebuilt from their saved dict.
-TOKENIZER: Registry = Registry("tokenizer", "text <-> token ids")
+TOKENIZER: Registry = Registry("tokenizer")  # text <-> token ids
 # Text sources for the data module: callables (**options) -> str.
-SOURCE: Registry = Registry("data source", "where the training text comes from")
-# Training objectives: callables (module, batch) -> loss dict; plugins (distill) replace the default.
-OBJECTIVE: Registry = Registry("objective", "training loss")
+SOURCE: Registry = Registry("data source")  # where the training text comes from

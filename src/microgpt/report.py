@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from microgpt.errors import CheckpointError, ConfigError
+from microgpt.errors import CheckpointError, ConfigError, first_line
 
 OPTIONS: dict[str, Any] = {
     "labels": None,
@@ -66,7 +66,7 @@ class Entry:
     path: str
     teacher: bool = False
     label: str = ""
-    artifact: bool = False  # a qat plugin artifact (quantized.pt), not a checkpoint
+    artifact: bool = False  # a plugin's quantized artifact (qat's quantized.pt), not a checkpoint
     resolved: Path | None = None
     row: dict[str, Any] = field(default_factory=dict)
 
@@ -74,38 +74,24 @@ class Entry:
 # ---- arguments ----------------------------------------------------------------------------------------
 
 
-def _value(s: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(s)
-        except ValueError:
-            pass
-    return {"null": None, "none": None, "true": True, "false": False}.get(s.lower(), s)
-
-
 def parse(argv: list[str]) -> tuple[list[Entry], dict[str, Any], list[str]]:
     """key=value arguments -> (models in order, options, Hydra overrides for the data)."""
+    from microgpt.keyvalue import KeyValueCommand
+
+    command = KeyValueCommand(
+        "python -m microgpt.report", __doc__, OPTIONS, repeatable=("model", "teacher"), overrides=DATA_PREFIXES
+    )
+    args = command.parse(argv)
+    opts, overrides = args.options, args.overrides
+    labels = next((a.partition("=")[2] for a in argv if a.startswith("labels=")), None)
+    opts["labels"] = labels if labels is not None else opts["labels"]  # names stay strings ("1,2")
     entries: list[Entry] = []
-    opts = dict(OPTIONS)
-    overrides: list[str] = []
-    for a in argv:
-        key, eq, val = a.partition("=")
-        if not eq:
-            raise ConfigError(f"arguments are key=value, got {a!r}; see `python -m microgpt.report --help`")
-        if key in ("model", "teacher"):
-            if not val:
-                raise ConfigError(f"{key}= needs a path")
-            if key == "teacher" and any(e.teacher for e in entries):
-                raise ConfigError("teacher= is given twice; mark one model as the teacher")
-            entries.append(Entry(val, teacher=key == "teacher"))
-        elif key in OPTIONS:
-            opts[key] = _value(val) if key != "labels" else val
-        elif key.lstrip("+~").split(".")[0] in DATA_PREFIXES:
-            overrides.append(a)
-        else:
-            raise ConfigError(
-                f"unknown option {key!r}; options: model, teacher, {', '.join(OPTIONS)}, and data.* settings"
-            )
+    for key, val in args.repeated:
+        if not val:
+            raise ConfigError(f"{key}= needs a path")
+        if key == "teacher" and any(e.teacher for e in entries):
+            raise ConfigError("teacher= is given twice; mark one model as the teacher")
+        entries.append(Entry(val, teacher=key == "teacher"))
     if not entries:
         raise ConfigError("nothing to compare: pass model=PATH (several times) and optionally teacher=PATH")
     for k in ("batch_size", "gen_tokens"):
@@ -131,13 +117,14 @@ def _default_label(p: Path) -> str:
 
 def resolve(entries: list[Entry]) -> None:
     """Check every path before any work (a bad one is a one-line error), and name the models."""
-    from microgpt.checkpoint import resolve_checkpoint
+    from microgpt.io.checkpoint import resolve_checkpoint
+    from microgpt.plugins import artifact_reader
 
     for e in entries:
         p = Path(e.path).expanduser()
-        if p.suffix == ".pt":
+        if p.suffix not in ("", ".ckpt") and artifact_reader(p) is not None:
             if not p.is_file():
-                raise CheckpointError(f"quantized model {p} does not exist; pass a qat artifact (quantized.pt)")
+                raise CheckpointError(f"quantized model {p} does not exist; pass a quantized artifact (quantized.pt)")
             e.artifact, e.resolved = True, p
         else:
             e.resolved = resolve_checkpoint(e.path)
@@ -155,12 +142,12 @@ def resolve(entries: list[Entry]) -> None:
 
 def load_entry(e: Entry) -> tuple[Any, Any, dict[str, Any]]:
     """(model on CPU in eval mode, tokenizer, checkpoint record: plugins, data, qat artifact beside it)."""
-    from microgpt.checkpoint import model_from_checkpoint, read_checkpoint
     from microgpt.data.tokenizers import tokenizer_from_dict
-    from microgpt.plugins import load_plugin
+    from microgpt.io.checkpoint import model_from_checkpoint, read_checkpoint
+    from microgpt.plugins import artifact_reader, quantizer
 
     if e.artifact:
-        model, tok = load_plugin("qat").load_quantized(e.resolved)
+        model, tok = artifact_reader(e.resolved).load_quantized(e.resolved)
         if tok is None:
             raise CheckpointError(f"{e.resolved} holds no tokenizer; convert a checkpoint written by train.py")
         return model, tok, {"plugins": {}, "data": {}, "artifact": e.resolved}
@@ -169,12 +156,12 @@ def load_entry(e: Entry) -> tuple[Any, Any, dict[str, Any]]:
     if tok_rec is None:
         raise CheckpointError(f"{e.path} has no tokenizer; it was not written by microgpt's train.py")
     model = model_from_checkpoint(ck).eval()
-    sibling = Path(e.resolved).parent / "quantized.pt" if Path(e.resolved).is_file() else None
-    has_qat = any(c.get("name") == "qat" for c in model.config.converters)
+    q = quantizer(model)  # the plugin whose converter gives this model a quantized artifact, if any
+    sibling = Path(e.resolved).parent / q.QUANTIZED_ARTIFACT if q is not None and Path(e.resolved).is_file() else None
     info = {
         "plugins": dict(ck["hyper_parameters"].get("plugins") or {}),
         "data": dict(ck.get("TokenDataModule") or {}),
-        "artifact": sibling if has_qat and sibling is not None and sibling.is_file() else None,
+        "artifact": sibling if sibling is not None and sibling.is_file() else None,
     }
     return model, tokenizer_from_dict(tok_rec), info
 
@@ -192,18 +179,15 @@ def _dir_bytes(d: Path) -> int:
 
 
 def _bake(model):
-    """A copy without the masks of unstructured pruning (weights stay zero where pruned)."""
-    model = copy.deepcopy(model)
-    if any(c.get("name") == "prune" for c in model.config.converters):
-        from microgpt.plugins import load_plugin
+    """A copy with the plugins' converters folded into plain weights where they can be (pruning masks)."""
+    from microgpt.plugins import bake
 
-        model = load_plugin("prune").bake_masks(model)
-    return model
+    return bake(copy.deepcopy(model))
 
 
 def float_sizes(model, tok, plugins: dict[str, Any], tmp: Path) -> dict[str, int]:
     """Bytes on disk of the fp32 and bf16 exports (`microgpt.export format=safetensors`: weights + microgpt.json)."""
-    from microgpt.export import write_safetensors
+    from microgpt.io.export import write_safetensors
 
     out = {}
     for dtype, key in (("float32", "fp32_bytes"), ("bfloat16", "bf16_bytes")):
@@ -216,35 +200,31 @@ def float_sizes(model, tok, plugins: dict[str, Any], tmp: Path) -> dict[str, int
 
 def quantized(model, tok, info: dict[str, Any], tmp: Path) -> tuple[int | None, str | None, Any]:
     """(bytes on disk, kind, the quantized model as it loads back) of the model's quantized artifact:
-    the qat plugin's quantized.pt when there is one (or converted now for a qat model), otherwise
+    its plugin's artifact when there is one (or written now, `write_quantized`), otherwise
     `microgpt.export format=int8` (every Linear and the embedding int8 per row). (None, None, None) when
     the model's converters have no quantized form."""
-    from microgpt.checkpoint import load
-    from microgpt.export import write_int8
-    from microgpt.plugins import load_plugin
+    from microgpt.io.checkpoint import load
+    from microgpt.io.export import write_int8
+    from microgpt.plugins import artifact_reader, converter_owners, quantizer
 
     plugins = info.get("plugins") or {}
     if info.get("artifact") is not None:
-        qmodel, _ = load_plugin("qat").load_quantized(info["artifact"])
-        return os.path.getsize(info["artifact"]), f"qat {_qat_scheme(qmodel)}", qmodel
+        reader = artifact_reader(info["artifact"])
+        qmodel, _ = reader.load_quantized(info["artifact"])
+        return os.path.getsize(info["artifact"]), reader.describe_quantized(qmodel), qmodel
     plain = _bake(model)
-    names = [c.get("name") for c in plain.config.converters]
-    if not names:
+    if not plain.config.converters:
         d = tmp / "int8"
         d.mkdir()
         write_int8(plain, tok, d, plugins)
         return _dir_bytes(d), "int8", load(d)[0]
-    if set(names) == {"qat"} and len(names) == 1:
-        qat = load_plugin("qat")
-        path = tmp / "quantized.pt"
-        r = qat.convert_and_save(plain, path, tok.to_dict(), plugins)
-        return r["bytes"], f"qat {r['scheme']}", qat.load_quantized(path)[0]
+    q = quantizer(plain)
+    # only when the quantizing plugin's converter is all that is left (its artifact holds nothing else)
+    if q is not None and len(plain.config.converters) == 1 and list(converter_owners(plain)) == [q]:
+        path = tmp / q.QUANTIZED_ARTIFACT
+        r = q.write_quantized(plain, path, tok.to_dict(), plugins)
+        return r["bytes"], r["kind"], q.load_quantized(path)[0]
     return None, None, None
-
-
-def _qat_scheme(model) -> str:
-    specs = [c for c in model.config.converters if c.get("name") == "qat"]
-    return str(specs[-1].get("scheme", "")) if specs else ""
 
 
 def measure(model, batches: list, bytes_per_token: float, prompt: torch.Tensor, opts: dict[str, Any]) -> dict:
@@ -303,12 +283,13 @@ def _data_config(overrides: list[str]):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="evaluate", overrides=["ckpt=unused", *overrides])
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise ConfigError(f"bad data setting: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError(f"bad data setting: {first_line(e)}") from None
 
 
 def build_report(argv: list[str]) -> dict[str, Any]:
     """Measure every model; returns the report (what report.json holds)."""
-    from microgpt.train import _instantiate
+    from microgpt.plugins import artifact_reader
+    from microgpt.training.train import _instantiate
 
     entries, opts, overrides = parse(argv)
     resolve(entries)
@@ -320,7 +301,7 @@ def build_report(argv: list[str]) -> dict[str, Any]:
     out_dir = Path(str(opts["out"])).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out={out_dir} is a file; pass a directory")
-    from microgpt.atomic import atomic_write, check_writable_dir
+    from microgpt.io.atomic import atomic_write, check_writable_dir
 
     check_writable_dir(out_dir)  # before minutes of evaluation, not after
 
@@ -360,7 +341,7 @@ def build_report(argv: list[str]) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="microgpt-report-") as tmp:
             if e.artifact:  # the model *is* the quantized artifact
                 row.update(fp32_bytes=None, bf16_bytes=None, quant_bytes=os.path.getsize(e.resolved))
-                row["quant_kind"], qmodel = f"qat {_qat_scheme(model)}", None
+                row["quant_kind"], qmodel = artifact_reader(e.resolved).describe_quantized(model), None
             else:
                 row.update(float_sizes(model, tok, info["plugins"], Path(tmp)))
                 row["quant_bytes"], row["quant_kind"], qmodel = quantized(model, tok, info, Path(tmp))
@@ -497,7 +478,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    from microgpt.atomic import atomic_write
+    from microgpt.io.atomic import atomic_write
 
     atomic_write(path, buf.getvalue(), what="plot")
 
@@ -507,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        parse(argv)  # prints the help and the keys
         return None
     quiet_env()
     report = exit_on_error(build_report)(argv)

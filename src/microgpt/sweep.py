@@ -1,4 +1,5 @@
-"""Sweeps: a summary of a multirun directory, a SLURM pre-flight check, and the values a sweeper minimises.
+"""Sweeps: a summary of a multirun directory. (The SLURM pre-flight is microgpt.slurm, the values a sweeper
+minimises microgpt.training.objective; both names stay importable from here.)
 
     python -m microgpt.sweep multirun/2026-11-22/18-00-00          # rich table, best job marked
     python -m microgpt.sweep multirun/2026-11-22/18-00-00 --json   # the same as JSON
@@ -25,7 +26,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import shutil
 import socket
@@ -35,12 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from microgpt.errors import ConfigError, MicroGPTError
+from microgpt.slurm import SLURM_TIMEOUT_S, SlurmCheck, SlurmUnavailableError, check_slurm  # noqa: F401
+from microgpt.training.objective import model_bytes, objective  # noqa: F401
 
-SLURM_TIMEOUT_S = 15.0
 _ACTIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
 _QUEUED = {"PENDING", "REQUEUE_HOLD", "REQUEUE_FED"}
 
@@ -148,7 +147,7 @@ def _apply_result(job: Job, doc: dict[str, Any]) -> bool:
         return True
     pid, host = doc.get("pid"), doc.get("host")
     if status == "running" and isinstance(pid, int) and host == socket.gethostname():
-        from microgpt.atomic import pid_alive
+        from microgpt.io.atomic import pid_alive
 
         if not pid_alive(pid):
             job.status = "failed"
@@ -449,86 +448,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         render(jobs, title=f"sweep {root}")
     return 0 if any(j.status == "ok" for j in jobs) else 1
-
-
-# ---- SLURM pre-flight (a Hydra callback) -------------------------------------------------------------------
-
-
-class SlurmUnavailableError(MicroGPTError):
-    """No SLURM cluster answers (no sbatch on PATH, a missing SLURM_CONF, or the controller is down)."""
-
-
-def check_slurm(timeout_s: float = SLURM_TIMEOUT_S) -> str:
-    """Raise SlurmUnavailableError (one line) unless a SLURM controller answers; returns its `scontrol ping` line."""
-    hint = 'start the local cluster (make slurm-up, as root; eval "$(bash scripts/local_slurm.sh env)") or drop hydra/launcher=slurm'
-    missing = [c for c in ("sbatch", "scontrol") if shutil.which(c) is None]
-    if missing:
-        raise SlurmUnavailableError(f"hydra/launcher=slurm needs SLURM's {' and '.join(missing)} on PATH; {hint}")
-    conf = os.environ.get("SLURM_CONF")
-    if conf and not Path(conf).is_file():
-        raise SlurmUnavailableError(f"SLURM_CONF={conf} does not exist; {hint}")
-    where = f" (SLURM_CONF={conf})" if conf else ""
-    try:
-        p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise SlurmUnavailableError(
-            f"the SLURM controller did not answer `scontrol ping` within {timeout_s:g}s{where}; {hint}"
-        ) from None
-    text = (p.stdout + p.stderr).strip()
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("*")), "no output")
-    if p.returncode != 0 or " is UP" not in text:
-        raise SlurmUnavailableError(f"cannot reach the SLURM controller{where}: {first}; {hint}")
-    return first
-
-
-class SlurmCheck(Callback):
-    """hydra.callbacks entry: before a multirun on a SLURM launcher, fail in seconds with one line when no
-    controller answers, instead of a submitit traceback after sbatch's retries (up to a minute).
-
-    Hydra turns an exception raised by a callback into a warning and goes on, so this one prints
-    `error: ...` and exits with status 2 itself (SystemExit passes through Hydra's callback wrapper)."""
-
-    def __init__(self, timeout_s: float = SLURM_TIMEOUT_S) -> None:
-        self.timeout_s = timeout_s
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
-        if target.endswith("SlurmLauncher"):
-            try:
-                check_slurm(self.timeout_s)
-            except SlurmUnavailableError as e:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-                sys.exit(2)
-
-
-# ---- what a sweeper minimises --------------------------------------------------------------------------------
-
-
-def model_bytes(model) -> int:
-    """Size of the model's weights as saved (torch.save of its state_dict): what compression shrinks."""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.getbuffer().nbytes
-
-
-def objective(cfg: DictConfig, result: dict[str, Any]) -> float | list[float]:
-    """The value(s) train.py returns to a Hydra sweeper, from cfg.objectives (default [val_loss]).
-
-    Names: val_loss, best_val_loss (from run()'s result), model_bytes (the trained model's saved weights).
-    One name -> a float (single-objective Optuna); several -> a list (multi-objective, one direction each).
-    """
-    names = list(cfg.get("objectives") or ["val_loss"])
-    values = []
-    for name in names:
-        if name in ("val_loss", "best_val_loss"):
-            values.append(float(result[name]))
-        elif name == "model_bytes":
-            values.append(float(model_bytes(result["module"].model)))
-        else:
-            raise ConfigError(f"objectives: unknown {name!r}; use val_loss, best_val_loss or model_bytes")
-    return values[0] if len(values) == 1 else values
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from microgpt.errors import ConfigError, DataError
+from microgpt.errors import ConfigError, DataError, first_line
 from microgpt.registry import SOURCE
 
 __all__ = [
@@ -187,7 +187,7 @@ def hf_source(
     try:
         ds = datasets.load_dataset(name, config, split=split, data_files=data_files, **load_kwargs)
     except Exception as e:  # datasets raises many types (hub, file, builder errors); all mean "cannot load"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise DataError(
             f"could not load HF dataset '{name}' ({type(e).__name__}: {first}); "
             "offline, use a local file instead: data=text data.path=..."

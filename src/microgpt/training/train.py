@@ -1,6 +1,8 @@
 """Training entry point: `run(cfg)` turns a composed Hydra config into a Lightning run.
 
-The root `train.py` is a thin @hydra.main shim around `main`; tests call `run(cfg)` directly.
+The root `train.py` is a thin @hydra.main shim around `run`; tests call `run(cfg)` directly. `_run` reads as
+the sequence of steps: load and check the plugins (config time), resolve where the run starts (resume /
+fine-tune), build the data, the model config, the module and the trainer, let plugins prepare, fit, report.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +21,32 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from microgpt.checkpoint import read_checkpoint
 from microgpt.config import GPTConfig
-from microgpt.errors import CheckpointError, ConfigError, MicroGPTError
-from microgpt.plugins import load_plugins, plugin_origin
+from microgpt.errors import CheckpointError, ConfigError, MicroGPTError, first_line
+from microgpt.io.checkpoint import read_checkpoint
+from microgpt.plugins import Preparer, check_plugins, load_plugins, plugin_origin
 
 log = logging.getLogger("microgpt")
 
 
-def _instantiate(node: Any, what: str, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate with a one-line error naming the config group to fix."""
+def build_from_config(node: Any, what: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate with a one-line error naming the config group to fix (commands and plugins
+    build data modules, trainers, ... with it)."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__ or e
         if isinstance(cause, MicroGPTError):
             raise cause from None
-        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        msg = first_line(cause)
         raise ConfigError(f"cannot build {what}: {msg}; check the `{what}` settings") from None
     except MicroGPTError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot build {what}: {str(e).splitlines()[0]}; check the `{what}` settings") from None
+        raise ConfigError(f"cannot build {what}: {first_line(e)}; check the `{what}` settings") from None
+
+
+_instantiate = build_from_config  # the old private name (tests, evaluate, report)
 
 
 def converter_specs(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -71,7 +78,7 @@ def model_config(cfg: DictConfig, vocab_size: int) -> GPTConfig:
     try:
         typed = OmegaConf.merge(schema, {**raw, "converters": []})
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad model setting: {str(e).splitlines()[0]} (full key: model.{e.key})") from None
+        raise ConfigError(f"bad model setting: {first_line(e)} (full key: model.{e.key})") from None
     d = OmegaConf.to_container(typed)
     d["converters"] = converters
     return GPTConfig.from_dict(d)
@@ -100,14 +107,14 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if p == "last":
         # the newest checkpoint that loads: last.ckpt (a directory under fsdp/deepspeed), SLURM's
         # hpc_ckpt_N.ckpt, best.ckpt, ...; a truncated newest one is skipped, naming which was used
-        from microgpt.training_safety import newest_valid_checkpoint
+        from microgpt.training.safety import newest_valid_checkpoint
 
         found = newest_valid_checkpoint(Path(cfg.paths.output_dir))
         if found is not None:
             return str(found)
         log.info("ckpt_path=last: no checkpoint in %s yet, starting from scratch", cfg.paths.output_dir)
         return None
-    from microgpt.consolidate import is_sharded_checkpoint
+    from microgpt.io.consolidate import is_sharded_checkpoint
 
     if not (Path(p).is_file() or is_sharded_checkpoint(p)):
         raise CheckpointError(
@@ -117,7 +124,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
 
 def _check_same_model(ckpt: dict[str, Any], cfg: GPTConfig, path: str) -> None:
-    saved = dict(ckpt["hyper_parameters"]["model"])
+    saved = GPTConfig.from_dict(dict(ckpt["hyper_parameters"]["model"])).to_dict()
     now = cfg.to_dict()
     diff = [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
@@ -142,11 +149,11 @@ def freeze_layers(model, n: int) -> None:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    return [_instantiate(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c]
+    return [build_from_config(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c]
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    return [_instantiate(c, f"logger.{k}") for k, c in (cfg.get("logger") or {}).items() if c]
+    return [build_from_config(c, f"logger.{k}") for k, c in (cfg.get("logger") or {}).items() if c]
 
 
 def _route_lightning_logs() -> None:
@@ -168,7 +175,7 @@ def _route_lightning_logs() -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train. Returns {'val_loss', 'best_val_loss', 'best_ckpt', 'last_ckpt', 'output_dir', 'trainer', 'module'}."""
-    from microgpt.training_safety import check_settings, claim_run_dir
+    from microgpt.training.safety import check_settings, claim_run_dir
 
     _route_lightning_logs()
     out_dir = Path(cfg.paths.output_dir)
@@ -191,38 +198,69 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, Any]:
     import lightning as L
 
-    from microgpt.lit import LitGPT
-
-    plugin_names = list((cfg.get("plugins") or {}).keys())
-    mods = load_plugins(plugin_names)
-    for mod in mods.values():
-        if hasattr(mod, "check_config"):
-            mod.check_config(cfg)
+    mods = load_plugins(list((cfg.get("plugins") or {}).keys()))
+    check_plugins(cfg, mods)  # every refusable setting and combination, before anything is built
     _check_run_settings(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    start = resolve_start(cfg)
+    dm = build_from_config(cfg.data, "data", tokenizer_obj=start.tokenizer)
+    dm.setup("fit")
+    mcfg = build_model_config(cfg, start, dm)
+    module = build_module(cfg, mcfg, dm, mods, start)
+    from microgpt.training.safety import SafetyCallback, prepare_trainer
 
-    ckpt_path = resolve_ckpt_path(cfg)
-    ckpt = None
-    if ckpt_path is not None:
-        from microgpt.consolidate import is_sharded_checkpoint, read_meta
+    # signals -> resumable checkpoint; a validation at the end; the sample on every rank (sharded models)
+    safety = SafetyCallback(out_dir, cfg.sample if cfg.get("print_sample") else None, dm.tokenizer)
+    trainer = build_trainer(cfg, start.ckpt_path, extra_callbacks=[safety])
+    prepare_trainer(trainer, out_dir)  # atomic checkpoint writes, stale temp files removed
+    if trainer.is_global_zero:
+        announce(cfg, module, dm, out_dir)
+    prepare_plugins(trainer, module, dm)
+    start.ckpt = None  # the trainer reads it again itself; don't hold two copies
+    state["fitting"] = True
+    try:
+        fit(trainer, module, dm, start.ckpt_path, out_dir)
+    except SystemExit:
+        if safety.stopped is not None:  # SIGTERM/SIGINT: a checkpoint was saved; the CLI says how to resume
+            raise safety.stopped from None
+        raise
+    return summarize(trainer, module, out_dir)
+
+
+@dataclass
+class Start:
+    """Where a run starts from: a checkpoint to resume (ckpt_path), a model to fine-tune (init_model), or nothing."""
+
+    ckpt_path: str | None = None
+    ckpt: dict[str, Any] | None = None  # the resumed checkpoint's record (config, tokenizer)
+    tokenizer: Any = None  # the resumed checkpoint's or the fine-tuned model's tokenizer
+    init_model: Any = None  # init_from's model, until its weights are in the module
+
+
+def resolve_start(cfg: DictConfig) -> Start:
+    """ckpt_path (resume) and init_from (fine-tune) -> what the run starts from."""
+    start = Start(ckpt_path=resolve_ckpt_path(cfg))
+    if start.ckpt_path is not None:
+        from microgpt.io.consolidate import is_sharded_checkpoint, read_meta
 
         # a sharded checkpoint's config and tokenizer, without gathering its weights
-        ckpt = read_meta(ckpt_path) if is_sharded_checkpoint(ckpt_path) else read_checkpoint(ckpt_path)
-    tokenizer = None
-    if ckpt is not None:
+        p = start.ckpt_path
+        start.ckpt = read_meta(p) if is_sharded_checkpoint(p) else read_checkpoint(p)
         from microgpt.data.tokenizers import tokenizer_from_dict
 
-        tokenizer = tokenizer_from_dict(ckpt["hyper_parameters"]["tokenizer"])
-
-    init_model = None
-    if cfg.get("init_from") and ckpt is None:  # with a checkpoint to resume, that checkpoint wins
+        start.tokenizer = tokenizer_from_dict(start.ckpt["hyper_parameters"]["tokenizer"])
+    if cfg.get("init_from") and start.ckpt is None:  # with a checkpoint to resume, that checkpoint wins
         from microgpt import load
 
-        init_model, init_tok = load(cfg.init_from)
-        tokenizer = tokenizer or init_tok
+        start.init_model, init_tok = load(cfg.init_from)
+        start.tokenizer = start.tokenizer or init_tok
+    return start
 
-    dm = _instantiate(cfg.data, "data", tokenizer_obj=tokenizer)
-    dm.setup("fit")
+
+def build_model_config(cfg: DictConfig, start: Start, dm) -> GPTConfig:
+    """The architecture to train: the resumed checkpoint's, the fine-tuned base's (+ this run's converters),
+    or cfg.model's."""
+    ckpt, init_model = start.ckpt, start.init_model
     if ckpt is not None and cfg.get("init_from"):
         # resuming a fine-tune: the architecture is the checkpoint's (it may be a pruned base)
         mcfg = GPTConfig.from_dict(dict(ckpt["hyper_parameters"]["model"]))
@@ -238,11 +276,17 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
             f"data.block_size={dm.block_size} exceeds model.block_size={mcfg.block_size}; make them equal"
         )
     if ckpt is not None:
-        _check_same_model(ckpt, mcfg, ckpt_path)
+        _check_same_model(ckpt, mcfg, start.ckpt_path)
+    return mcfg
+
+
+def build_module(cfg: DictConfig, mcfg: GPTConfig, dm, mods: dict, start: Start):
+    """The LightningModule, with init_from's weights in it and freeze_layers applied."""
+    from microgpt.training.lit import LitGPT
 
     module = LitGPT(
         model=mcfg.to_dict(),
-        optimizer=_instantiate(cfg.optimizer, "optimizer"),
+        optimizer=build_from_config(cfg.optimizer, "optimizer"),
         warmup_steps=cfg.scheduler.warmup_steps,
         decay_steps=cfg.scheduler.decay_steps,
         min_lr=cfg.scheduler.min_lr,
@@ -252,6 +296,7 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         plugins=plugin_origin(mods),
         decay_embeddings=cfg.decay_embeddings,
     )
+    init_model = start.init_model
     if init_model is not None:
         # converters this run adds (masks, ...) may own new state the base weights don't have
         missing, unexpected = module.model.load_state_dict(init_model.state_dict(), strict=False)
@@ -259,49 +304,58 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
             raise CheckpointError(
                 f"init_from={cfg.init_from} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
-        del init_model
+        start.init_model = None
     freeze_layers(module.model, cfg.get("freeze_layers", 0))
-    loggers = build_loggers(cfg)
-    from microgpt.training_safety import SafetyCallback, prepare_trainer
+    return module
 
-    # signals -> resumable checkpoint; a validation at the end; the sample on every rank (sharded models)
-    safety = SafetyCallback(out_dir, cfg.sample if cfg.get("print_sample") else None, dm.tokenizer)
-    callbacks = [*build_callbacks(cfg), safety]
+
+def build_trainer(cfg: DictConfig, ckpt_path: str | None, extra_callbacks: list | tuple = ()):
+    """The Lightning Trainer with the configured callbacks and loggers; refuses a checkpoint this strategy
+    cannot resume."""
+    import lightning as L
+
+    from microgpt.training.strategies import check_resume
+
+    loggers = build_loggers(cfg)
+    callbacks = [*build_callbacks(cfg), *extra_callbacks]
     if not loggers:  # Lightning refuses an LR monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
-    trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
-    prepare_trainer(trainer, out_dir)  # atomic checkpoint writes, stale temp files removed
-    from microgpt.strategies import check_resume
-
+    trainer = build_from_config(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     check_resume(ckpt_path, trainer.strategy)
-    if trainer.is_global_zero:
-        n = module.model.num_params()
-        print(
-            f"model: {n:,} parameters ({n / 1e6:.2f}M), vocab {mcfg.vocab_size}, tokenizer {dm.tokenizer.name}",
-            flush=True,
-        )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
-    for cb in trainer.callbacks:  # plugin callbacks: load teachers, add trainable pieces, check shapes
-        if hasattr(cb, "prepare"):
+    return trainer
+
+
+def announce(cfg: DictConfig, module, dm, out_dir: Path) -> None:
+    """The model's size on the console, and the composed config into the run directory (rank 0)."""
+    n = module.model.num_params()
+    print(
+        f"model: {n:,} parameters ({n / 1e6:.2f}M), vocab {module.model.config.vocab_size}, tokenizer {dm.tokenizer.name}",
+        flush=True,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+
+
+def prepare_plugins(trainer, module, dm) -> None:
+    """Plugin callbacks' `prepare` (the contract's Preparer), in callback order: load teachers, add converters,
+    trainable parts and loss terms, check shapes."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, Preparer):
             cb.prepare(module, dm)
-    if ckpt is not None:
-        del ckpt  # the trainer reads it again itself; don't hold two copies
+
+
+def fit(trainer, module, dm, ckpt_path: str | None, out_dir: Path) -> None:
     old_metrics = out_dir / "metrics.csv"
     if ckpt_path and old_metrics.is_file() and trainer.is_global_zero:
         # CSVLogger starts metrics.csv afresh: keep the log of the steps before this resume
         old_metrics.rename(out_dir / f"metrics.before-{Path(ckpt_path).stem}-{os.getpid()}.csv")
-    state["fitting"] = True
-    try:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-    except SystemExit:
-        if safety.stopped is not None:  # SIGTERM/SIGINT: a checkpoint was saved; the CLI says how to resume
-            raise safety.stopped from None
-        raise
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
 
+
+def summarize(trainer, module, out_dir: Path) -> dict[str, Any]:
     ck = trainer.checkpoint_callback
     val = trainer.callback_metrics.get("val_loss")
-    result = {
+    return {
         "val_loss": float(val) if val is not None else math.nan,
         "best_val_loss": float(ck.best_model_score) if ck is not None and ck.best_model_score is not None else math.nan,
         "best_ckpt": ck.best_model_path if ck is not None else "",
@@ -310,7 +364,6 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
         "trainer": trainer,
         "module": module,
     }
-    return result
 
 
 def print_sample(model, tokenizer, s: DictConfig, show: bool = True) -> None:

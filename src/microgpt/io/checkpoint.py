@@ -1,20 +1,42 @@
-"""Reading checkpoints safely and rebuilding models from them without Hydra or Lightning."""
+"""Reading checkpoints safely and rebuilding models from them without Hydra or Lightning.
+
+Every format a model path can be is one row of `FORMATS` (probe, reader); every torch file goes through
+`safe_load` (weights_only: a file we load never runs code)."""
 
 from __future__ import annotations
 
 import json
 import os
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from microgpt.config import GPTConfig
-from microgpt.errors import CheckpointError
+from microgpt.errors import CheckpointError, first_line
 from microgpt.model import GPT, build_model
 
 EXPORT_META = "microgpt.json"  # marks a directory written by `python -m microgpt.export` (safetensors / int8)
+
+
+def safe_load(
+    path: str | os.PathLike,
+    corrupt: str,
+    unsafe: str = "{path} cannot be loaded safely ({error}); it may hold arbitrary code",
+    allow: Sequence[type] = (),
+) -> Any:
+    """torch.load(weights_only=True) on the CPU; `allow`: extra classes the file may hold. A damaged file raises
+    CheckpointError(`corrupt`), one that needs code to load CheckpointError(`unsafe`); both are formatted with
+    {path}, {error} (the exception's type) and {detail} (its first line)."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(corrupt.format(path=path, error=type(e).__name__, detail=first_line(e))) from None
+    except Exception as e:  # pickle.UnpicklingError for anything outside the weights-only allowlist
+        raise CheckpointError(unsafe.format(path=path, error=type(e).__name__, detail=first_line(e))) from None
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:
@@ -26,7 +48,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A .ckpt file; a run directory (its checkpoints/last.ckpt); or a directory that is itself a model:
     an exported microgpt directory (microgpt.json) or a local HF GPT-2 / Llama / Qwen2 / Mistral directory
     (config.json); `hf:NAME` fetches one from the hub (network access needed, or the hub cache)."""
-    from microgpt.hf import HUB_PREFIX, fetch_hub, is_hf_dir
+    from microgpt.io.hf import HUB_PREFIX, fetch_hub
 
     if isinstance(path, str) and path.startswith(HUB_PREFIX):
         return fetch_hub(path)
@@ -35,7 +57,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
             if cand.is_file():
                 return cand
-        if is_export_dir(p) or is_hf_dir(p):
+        if any(probe(p) for _, probe, _ in FORMATS if _ != "ckpt"):
             return p
         raise CheckpointError(
             f"no checkpoint in directory {p} (looked for checkpoints/last.ckpt, an exported {EXPORT_META} "
@@ -68,7 +90,7 @@ def read_export_dir(path: str | os.PathLike) -> dict[str, Any]:
     try:
         sd = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(
             f"weights file {weights} is truncated or corrupt ({first}); export the model again"
         ) from None
@@ -95,28 +117,47 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     takes them as they are.
     """
     p = resolve_checkpoint(path)
-    if p.is_dir():
-        if is_export_dir(p):
-            return read_export_dir(p)
-        from microgpt.hf import hf_dir_checkpoint
+    for _name, probe, reader in FORMATS:
+        if probe(p):
+            return reader(p)
+    raise CheckpointError(f"{p} is not a checkpoint microgpt can read; pass a .ckpt file or a model directory")
 
-        return hf_dir_checkpoint(p)
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint {p} is corrupt or not a microgpt checkpoint ({first}); retrain or pick another file"
-        ) from None
-    except Exception as e:  # pickle.UnpicklingError for anything outside the weights-only allowlist
-        raise CheckpointError(
-            f"checkpoint {p} cannot be loaded safely ({type(e).__name__}); it may hold arbitrary code"
-        ) from None
+
+def read_ckpt_file(p: Path) -> dict[str, Any]:
+    """A .ckpt written by train.py (Lightning's checkpoint dict)."""
+    ckpt = safe_load(
+        p,
+        corrupt="checkpoint {path} is corrupt or not a microgpt checkpoint ({detail}); retrain or pick another file",
+        unsafe="checkpoint {path} cannot be loaded safely ({error}); it may hold arbitrary code",
+    )
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt.get("hyper_parameters", {}):
         raise CheckpointError(
             f"{p} is not a microgpt checkpoint (no model config or state_dict); pass a .ckpt written by train.py"
         )
     return ckpt
+
+
+def _is_hf_dir(p: Path) -> bool:
+    from microgpt.io.hf import is_hf_dir
+
+    return is_hf_dir(p)
+
+
+def _read_hf_dir(p: Path) -> dict[str, Any]:
+    from microgpt.io.hf import hf_dir_checkpoint
+
+    return hf_dir_checkpoint(p)
+
+
+# What a model path can be, probed in this order: (name, probe(path), reader(path) -> checkpoint dict). Every
+# reader returns the same shape: {"state_dict": {"model.*": ...}, "hyper_parameters": {"model", "tokenizer",
+# "plugins"}}. (Sharded FSDP/DeepSpeed directories are io/consolidate.py's: train resumes them, and
+# `python -m microgpt.consolidate` turns them into a .ckpt.)
+FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], dict[str, Any]]]] = [
+    ("export", is_export_dir, read_export_dir),  # python -m microgpt.export: safetensors / int8 + microgpt.json
+    ("hf", _is_hf_dir, _read_hf_dir),  # a Hugging Face model directory (config.json + weights)
+    ("ckpt", Path.is_file, read_ckpt_file),  # a Lightning checkpoint written by train.py
+]
 
 
 def import_recorded_plugins(hparams: dict[str, Any]) -> None:
@@ -138,7 +179,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not match its model config ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"checkpoint weights do not match its model config ({first_line(e)})") from None
     return model
 
 

@@ -38,14 +38,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from microgpt.config import GPTConfig
-from microgpt.errors import CheckpointError, ConfigError
+from microgpt.errors import CheckpointError, ConfigError, first_line
 
 __all__ = [
     "HF_TOKENIZER_FILES",
@@ -62,7 +61,6 @@ __all__ = [
     "hf_dir_checkpoint",
     "fetch_hub",
     "is_hf_dir",
-    "load_hf",
     "load_hf_tokenizer",
     "read_hf_weights",
     "save_hf_tokenizer",
@@ -139,7 +137,7 @@ def fetch_hub(spec: str) -> Path:
     try:
         return Path(snapshot_download(repo, revision=revision or None, allow_patterns=_HUB_FILES))
     except Exception as e:  # offline, unknown repo, network error: all the same to the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(
             f"cannot fetch {spec} from the Hugging Face hub ({type(e).__name__}: {first}); without network "
             f"access download the model elsewhere and pass its local directory instead (e.g. init_from=/path/to/{repo.split('/')[-1]})"
@@ -196,24 +194,20 @@ def _read_safetensors(f: Path, names_only: bool) -> dict[str, torch.Tensor] | li
                 return list(h.keys())
         return load_file(str(f), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(
             f"weights file {f} is truncated or corrupt ({first}); download or export it again"
         ) from None
 
 
 def _read_bin(f: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(f, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"weights file {f} is truncated or corrupt ({first}); download or export it again"
-        ) from None
-    except Exception as e:  # pickle.UnpicklingError: something outside the weights-only allowlist
-        raise CheckpointError(
-            f"weights file {f} cannot be loaded safely ({type(e).__name__}); it may hold arbitrary code"
-        ) from None
+    from microgpt.io.checkpoint import safe_load
+
+    sd = safe_load(
+        f,
+        corrupt="weights file {path} is truncated or corrupt ({detail}); download or export it again",
+        unsafe="weights file {path} cannot be loaded safely ({error}); it may hold arbitrary code",
+    )
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -388,7 +382,7 @@ def load_hf_tokenizer(path: str | os.PathLike, vocab_size: int | None = None):
     except CheckpointError:
         raise
     except Exception as e:  # a JSON error from tokenizers, a malformed merges line, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"the tokenizer files in {p} are damaged ({type(e).__name__}: {first})") from None
     if vocab_size is not None and tok.vocab_size > vocab_size:
         raise CheckpointError(
@@ -455,17 +449,6 @@ def hf_dir_checkpoint(path: str | os.PathLike, tokenizer: bool = True) -> dict[s
     if tokenizer:
         hp["tokenizer"] = load_hf_tokenizer(p, cfg.vocab_size).to_dict()
     return {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "hyper_parameters": hp, "source": {"hf": str(p)}}
-
-
-def load_hf(path: str | os.PathLike, map_location: str | torch.device = "cpu", tokenizer: bool = True):
-    """(model, tokenizer) from a local HF GPT-2 / Llama-family directory; tokenizer is None when not asked for."""
-    from microgpt.checkpoint import model_from_checkpoint
-    from microgpt.data.tokenizers import tokenizer_from_dict
-
-    ckpt = hf_dir_checkpoint(path, tokenizer=tokenizer)
-    model = model_from_checkpoint(ckpt).to(map_location).eval()
-    tok = ckpt["hyper_parameters"].get("tokenizer")
-    return model, (tokenizer_from_dict(tok) if tok is not None else None)
 
 
 # ---- the other way: microgpt -> GPT-2 ------------------------------------------------------------------

@@ -108,6 +108,36 @@ def fsdp(devices: Any = 1, num_nodes: int = 1, accelerator: str = "auto", **kwar
     return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, **kwargs)
 
 
+def shards_parameters(strategy: Any) -> str | None:
+    """Does this strategy shard parameters across ranks? Its name if so (FSDP, DeepSpeed ZeRO stage 3), else None.
+
+    The one answer for plugins that need whole weight matrices on every rank (`needs_full_weights`).
+    `strategy` is `trainer.strategy` as configured: a name ("auto", "ddp", "fsdp", "deepspeed_stage_3"), a
+    `_target_` node (conf/strategy/*.yaml) or a built Lightning strategy.
+    """
+    if strategy is None:
+        return None
+    if isinstance(strategy, ModelParallelStrategy):
+        return type(strategy).__name__
+    if isinstance(strategy, DeepSpeedStrategy):
+        return f"{type(strategy).__name__} stage 3" if strategy.zero_stage_3 else None
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(strategy):
+        strategy = OmegaConf.to_container(strategy, resolve=False)
+    if isinstance(strategy, dict):
+        name = str(strategy.get("_target_", "")).lower()
+        if "fsdp" in name or "modelparallel" in name:
+            return name
+        if "deepspeed" in name and strategy.get("stage") == 3:
+            return f"{name} stage 3"
+        return None
+    name = str(strategy).lower()
+    if "fsdp" in name or "modelparallel" in name or ("deepspeed" in name and "stage_3" in name):
+        return name
+    return None
+
+
 def shard_for_strategy(module) -> None:
     """Apply per-strategy model sharding in LitGPT.configure_model (no-op for single process/DDP/DeepSpeed).
 
@@ -276,8 +306,8 @@ def check_resume(ckpt_path: str | os.PathLike | None, strategy: Any) -> None:
     """
     if ckpt_path is None:
         return
-    from microgpt.consolidate import is_deepspeed_checkpoint, is_distcp_checkpoint
     from microgpt.errors import CheckpointError
+    from microgpt.io.consolidate import is_deepspeed_checkpoint, is_distcp_checkpoint
 
     p = Path(ckpt_path)
     name = type(strategy).__name__

@@ -146,7 +146,7 @@ def use_atomic_checkpoints(trainer) -> bool:
             return False
     if type(current) is not TorchCheckpointIO:
         return False
-    from microgpt.atomic import AtomicCheckpointIO
+    from microgpt.io.atomic import AtomicCheckpointIO
 
     strategy.checkpoint_io = AtomicCheckpointIO()
     return True

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from microgpt.errors import CheckpointError
+from microgpt.errors import CheckpointError, first_line
+from microgpt.keyvalue import KeyValueCommand
 
 USAGE = "usage: python -m microgpt.consolidate ckpt=SHARDED_CHECKPOINT_DIR [out=FILE.ckpt] [trust=false]"
 
@@ -105,7 +106,7 @@ def _consolidate_distcp(path: Path) -> dict[str, Any]:
     try:
         ckpt = _load_distributed_checkpoint(path)  # every shard -> full tensors, plus Lightning's meta.pt
     except Exception as e:
-        raise CheckpointError(f"cannot read the distcp checkpoint {path} ({_first_line(e)})") from None
+        raise CheckpointError(f"cannot read the distcp checkpoint {path} ({first_line(e)})") from None
     # get_optimizer_state_dict's format, state and params keyed by parameter name, which is what
     # optimizer_states holds here for every strategy (see consolidate)
     optimizers = []
@@ -127,14 +128,15 @@ def _ds_load(f: Path, trust: bool) -> dict[str, Any]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    try:
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{f} holds objects outside the safe allowlist ({_first_line(e)[:200]}); if you wrote this checkpoint "
-            "yourself, pass trust=true to load it with full pickle"
-        ) from None
+    from microgpt.io.checkpoint import safe_load
+
+    return safe_load(
+        f,
+        corrupt="DeepSpeed checkpoint file {path} is truncated or corrupt ({detail}); save it again",
+        unsafe="{path} holds objects outside the safe allowlist ({detail:.200}); if you wrote this checkpoint "
+        "yourself, pass trust=true to load it with full pickle",
+        allow=[LossScaler, ZeroStageEnum, fragment_address],
+    )
 
 
 def _natural(p: Path) -> list:
@@ -276,16 +278,19 @@ def consolidate(path: str | Path, trust: bool = False) -> dict[str, Any]:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The Lightning part of a sharded checkpoint (hyper_parameters, global_step, ...) without its tensors."""
+    from microgpt.io.checkpoint import safe_load
+
+    corrupt = "sharded checkpoint file {path} is truncated or corrupt ({detail}); resume from another checkpoint"
     p = _resolve(path)
     if is_distcp_checkpoint(p):
         from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-        return torch.load(p / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+        return safe_load(p / _METADATA_FILENAME, corrupt)
     tag = (p / "latest").read_text().strip()
     files = sorted((p / tag).glob("*_model_states.pt"), key=_natural)
     if not files:
         raise CheckpointError(f"{p / tag} has no DeepSpeed model-states file")
-    meta = torch.load(files[0], map_location="cpu", weights_only=True)
+    meta = safe_load(files[0], corrupt)
     return {k: v for k, v in meta.items() if k not in _DEEPSPEED_KEYS}
 
 
@@ -298,33 +303,23 @@ def consolidate_to_file(path: str | Path, out: str | Path, trust: bool = False) 
         torch.load(buf, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
-            f"the consolidated checkpoint would not load with weights_only ({_first_line(e)})"
+            f"the consolidated checkpoint would not load with weights_only ({first_line(e)})"
         ) from None
-    from microgpt.atomic import atomic_write
+    from microgpt.io.atomic import atomic_write
 
     out = Path(out).expanduser()
     atomic_write(out, buf.getvalue(), what="consolidated checkpoint")  # temp file beside it, fsync, rename
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
-def _parse_args(argv: list[str]) -> dict[str, str]:
-    args: dict[str, str] = {}
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(USAGE)
-            sys.exit(0)
-        key, sep, value = a.partition("=")
-        if not sep or key not in ("ckpt", "out", "trust"):
-            raise CheckpointError(f"unknown argument {a!r}; {USAGE}")
-        args[key] = value
-    if not args.get("ckpt"):
-        raise CheckpointError(f"ckpt= is required; {USAGE}")
-    return args
+COMMAND = KeyValueCommand(
+    "python -m microgpt.consolidate",
+    USAGE,
+    {"ckpt": None, "out": None, "trust": "false"},
+    required=("ckpt",),
+    typed=False,
+    error=CheckpointError,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -332,11 +327,11 @@ def main(argv: list[str] | None = None) -> None:
 
     @exit_on_error
     def _main() -> None:
-        args = _parse_args(sys.argv[1:] if argv is None else argv)
+        args = COMMAND.parse(sys.argv[1:] if argv is None else argv).options
         src = _resolve(args["ckpt"])
         out = Path(args.get("out") or src.with_name(src.stem + "-consolidated.ckpt"))
-        trust = args.get("trust", "false").lower() in ("1", "true", "yes")
-        from microgpt.atomic import check_writable_dir
+        trust = str(args["trust"]).lower() in ("1", "true", "yes")
+        from microgpt.io.atomic import check_writable_dir
 
         check_writable_dir(out.parent)  # one line before gathering the shards, not a traceback after
         written = consolidate_to_file(src, out, trust=trust)

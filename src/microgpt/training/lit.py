@@ -1,8 +1,11 @@
 """The LightningModule: a thin shell around GPT that owns the training step, metrics and optimizer.
 
 Everything else (strategy, callbacks, loggers, the optimizer class) comes from Hydra `_target_`s.
-Plugins change training by replacing `self.objective` (a plain callable, not a submodule, so a
-distillation teacher it holds never enters this module's state_dict, optimizer or sharding).
+Plugins change the model and the loss only through the contract methods below (add_converter,
+replace_model, set_objective, add_loss_term, add_trainable; see microgpt.plugins.Preparer). This module
+owns the model's config record: `hparams["model"]` is always `self.model.config`, also in checkpoints.
+The objective and loss terms are plain callables, not submodules, so a distillation teacher an objective
+holds never enters this module's state_dict, optimizer or sharding.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from microgpt.config import GPTConfig
-from microgpt.errors import TrainingError
-from microgpt.metrics import LMMetrics
+from microgpt.errors import ConfigError, TrainingError
 from microgpt.model import GPT, build_model
+from microgpt.registry import CONVERTER
+from microgpt.training.metrics import LMMetrics
 
 
 def cross_entropy(module: LitGPT, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -27,7 +31,7 @@ def cross_entropy(module: LitGPT, batch: tuple[torch.Tensor, torch.Tensor]) -> d
     x, y = batch
     logits = module(x)
     loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-    return {"loss": loss}
+    return {"loss": loss, "logits": logits}  # the logits go along for loss terms (not logged)
 
 
 def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
@@ -61,13 +65,80 @@ class LitGPT(L.LightningModule):
         self.model: GPT = build_model(GPTConfig.from_dict(dict(model)))
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-3)
         self.objective: Callable[[LitGPT, Any], dict[str, torch.Tensor]] = cross_entropy
+        self._objective_owner: str | None = None
+        self.loss_terms: dict[str, Callable[[LitGPT, Any, dict], dict[str, torch.Tensor]]] = {}
         self.val_metrics = LMMetrics(bytes_per_token)
         self._compiled: Callable | None = None
+
+    # ---- the plugin contract: the only ways a plugin changes the model or the loss ----------------------
+
+    def add_converter(self, spec: dict[str, Any]) -> None:
+        """Apply the registered converter `spec["name"]` (with the other keys as options) to the model and
+        record it in the model config, so checkpoints rebuild it on load and resume."""
+        opts = dict(spec)
+        name = opts.pop("name")
+        self.model = CONVERTER.get(name)(self.model, **opts)
+        self.model.config.converters = [*self.model.config.converters, {"name": name, **opts}]
+        self._record_model()
+
+    def replace_model(self, model: GPT) -> None:
+        """Train `model` from now on (before fit); its config is what the checkpoints record."""
+        self.model = model
+        self._record_model()
+
+    def set_objective(self, fn: Callable[[LitGPT, Any], dict[str, torch.Tensor]], owner: str) -> None:
+        """Replace the base loss (next-token cross-entropy) by fn(module, batch) -> {"loss", **logs}; one
+        plugin may own it, a second one is refused."""
+        if self._objective_owner not in (None, owner):
+            raise ConfigError(
+                f"plugins {self._objective_owner} and {owner} both replace the training objective; use one of them"
+            )
+        self.objective, self._objective_owner = fn, owner
+
+    def add_loss_term(self, name: str, fn: Callable[[LitGPT, Any, dict], dict[str, torch.Tensor]]) -> None:
+        """Add fn(module, batch, out) -> {"loss": term, **logs} to the objective's loss. `out` is what the
+        objective returned (its "loss", its logs and, from the shipped objectives, "logits"). Terms are
+        added after the objective, in the order they were added (the order of `callbacks`); their logs
+        join the objective's (as train_<key>)."""
+        if name in self.loss_terms:
+            raise ConfigError(f"a loss term named {name!r} is already added; each plugin adds its own")
+        self.loss_terms[name] = fn
+
+    def add_trainable(self, name: str, part: torch.nn.Module) -> None:
+        """Train `part` with the model (its parameters join the optimizer, checkpoints and resume) without
+        making it part of the model: `microgpt.load` and exports read only `model.*`."""
+        if hasattr(self, name):
+            raise ConfigError(f"cannot add trainable part {name!r}: the module already has an attribute of that name")
+        self.add_module(name, part)
+
+    def compute_loss(self, batch) -> dict[str, torch.Tensor]:
+        """The objective, then each loss term in order: {"loss": total, **logs}."""
+        out = dict(self.objective(self, batch))
+        for fn in self.loss_terms.values():
+            extra = dict(fn(self, batch, out))
+            out["loss"] = out["loss"] + extra.pop("loss")
+            out.update(extra)
+        return out
+
+    @property
+    def tokenizer_record(self) -> dict[str, Any] | None:
+        """The tokenizer this run trains with, as checkpoints record it (read-only for plugins)."""
+        return self.hparams.get("tokenizer")
+
+    @property
+    def plugins_record(self) -> dict[str, str]:
+        """The plugins that build this model -> the folder each came from, as checkpoints record it."""
+        return dict(self.hparams.get("plugins") or {})
+
+    def _record_model(self) -> None:
+        self.hparams["model"] = self.model.config.to_dict()
+
+    # ---- Lightning hooks ------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
         # Lightning calls this before building optimizers and wrapping for DDP/DeepSpeed/FSDP:
         # sharding (FSDP2 under ModelParallelStrategy) happens here, never after
-        from microgpt.strategies import shard_for_strategy
+        from microgpt.training.strategies import shard_for_strategy
 
         shard_for_strategy(self)
         if self.hparams.compile and self._compiled is None:
@@ -79,7 +150,7 @@ class LitGPT(L.LightningModule):
         return (self._compiled if self._compiled is not None else self.model)(idx)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        out = self.objective(self, batch)
+        out = self.compute_loss(batch)
         loss = out["loss"]
         # every step, so no checkpoint is ever written from NaN weights; one scalar read (a sync on a GPU)
         value = loss.item()
@@ -91,7 +162,7 @@ class LitGPT(L.LightningModule):
         if self._logging_step():
             self.log("train_loss", loss, prog_bar=True)
             for k, v in out.items():
-                if k != "loss":
+                if k not in ("loss", "logits"):
                     self.log(f"train_{k}", v)
         return loss
 
@@ -123,13 +194,14 @@ class LitGPT(L.LightningModule):
         self.val_metrics.reset()
 
     def configure_optimizers(self):
-        # weight decay only on matrices that multiply activations: not on norms, biases or (unless
-        # decay_embeddings, as nanoGPT does) embeddings
+        # weight decay by tensor dimension, as nanoGPT does: every >= 2-D tensor (a plugin's projections too),
+        # not norms or biases, and the embedding tables (nn.Embedding, by type) only with decay_embeddings
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, torch.nn.Embedding)}
         decay, no_decay = [], []
-        for name, p in self.named_parameters():  # the model plus any trainable plugin parts
+        for name, p in self.named_parameters():  # the model plus any trainable plugin parts  # noqa: B007
             if not p.requires_grad:
                 continue
-            is_embedding = "wte" in name or "wpe" in name or "emb" in name
+            is_embedding = id(p) in embeddings
             is_matrix = p.dim() >= 2 and (self.hparams.get("decay_embeddings", False) or not is_embedding)
             (decay if is_matrix else no_decay).append(p)
         factory = self.optimizer_factory
@@ -156,6 +228,8 @@ class LitGPT(L.LightningModule):
 
     # exact resume: dropout and sampling draw from torch's global RNG; keep it with the checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the model's config record is derived from the model itself, whatever happened to it since __init__
+        checkpoint.setdefault("hyper_parameters", {})["model"] = self.model.config.to_dict()
         checkpoint["rng_torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()

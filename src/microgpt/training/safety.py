@@ -6,7 +6,7 @@
 - `SafetyCallback`: SIGTERM/SIGINT save a resumable checkpoint at the next step boundary and stop with
   exit status 143/130; training always ends with a validation (so short runs get val_loss and best.ckpt);
   the end-of-run sample is generated on every rank (sharded models need all of them);
-- `prepare_trainer`: checkpoints written atomically (microgpt.atomic), stale temp files removed.
+- `prepare_trainer`: checkpoints written atomically (microgpt.io.atomic), stale temp files removed.
 
 train.py calls these in a few lines; the logic lives here.
 """
@@ -27,8 +27,8 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from microgpt.atomic import atomic_write, pid_alive, remove_stale_temps
 from microgpt.errors import ConfigError, MicroGPTError
+from microgpt.io.atomic import atomic_write, pid_alive, remove_stale_temps
 
 log = logging.getLogger("microgpt")
 
@@ -174,7 +174,7 @@ def claim_run_dir(cfg: DictConfig, out_dir: Path):
 def checkpoint_is_valid(path: Path) -> tuple[bool, str]:
     """Does this checkpoint load? (a file: torch.load weights-only, memory-mapped; a sharded dir: its metadata)"""
     if path.is_dir():
-        from microgpt.consolidate import is_sharded_checkpoint
+        from microgpt.io.consolidate import is_sharded_checkpoint
 
         return (True, "") if is_sharded_checkpoint(path) else (False, "not a checkpoint directory")
     try:
@@ -230,7 +230,7 @@ def newest_valid_checkpoint(out_dir: Path) -> Path | None:
 
 def prepare_trainer(trainer, out_dir: Path) -> None:
     """Atomic single-file checkpoints; remove the temp files an interrupted save left behind."""
-    from microgpt.atomic import use_atomic_checkpoints
+    from microgpt.io.atomic import use_atomic_checkpoints
 
     use_atomic_checkpoints(trainer)
     if trainer.is_global_zero:
@@ -360,7 +360,7 @@ class SafetyCallback(L.Callback):
         if self.sample is None or self.tokenizer is None:
             return
         # every rank generates the same tokens (same weights, same seed): a sharded model's forward is collective
-        from microgpt.train import print_sample
+        from microgpt.training.train import print_sample
 
         print_sample(pl_module.model, self.tokenizer, self.sample, show=trainer.is_global_zero)
         pl_module.train()

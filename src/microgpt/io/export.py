@@ -33,10 +33,10 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from microgpt.checkpoint import EXPORT_META, model_from_checkpoint, read_checkpoint
 from microgpt.cli import CONF_DIR, exit_on_error, quiet_env
 from microgpt.errors import CheckpointError, ConfigError
-from microgpt.hf import (
+from microgpt.io.checkpoint import EXPORT_META, model_from_checkpoint, read_checkpoint
+from microgpt.io.hf import (
     gpt2_blockers,
     hf_config_dict,
     hf_export_arch,

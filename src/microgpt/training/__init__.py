@@ -1,0 +1,7 @@
+"""Training: the LightningModule, the run that builds and fits it, strategies and metrics.
+
+train.py       run(cfg): a composed Hydra config -> a Lightning run (the root train.py calls it)
+lit.py         LitGPT, the LightningModule plugins extend through its contract methods
+strategies.py  DDP / FSDP / DeepSpeed factories and what each strategy implies (sharding, resume)
+metrics.py     loss, perplexity and bits per byte as a torchmetrics Metric
+"""
