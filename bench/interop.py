@@ -59,8 +59,8 @@ EXPORTS = [
 
 
 def preset(name: str) -> dict:
-    """conf/model/<name>.yaml over conf/model/base.yaml, as GPTConfig fields."""
-    base = yaml.safe_load((ROOT / "conf" / "model" / "base.yaml").read_text())
+    """conf/model/<name>.yaml over conf/model_base.yaml, as GPTConfig fields."""
+    base = yaml.safe_load((ROOT / "conf" / "model_base.yaml").read_text())
     own = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text()) or {}
     d = {**base, **{k: v for k, v in own.items() if k != "defaults"}}
     d.pop("converters", None)

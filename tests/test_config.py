@@ -36,17 +36,15 @@ def _defaults_groups(config_file: Path) -> set[str]:
 
 
 TRAIN_GROUPS = _defaults_groups(CONF / "train.yaml")
-ROOT_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))  # train, generate, evaluate, ...
+ROOT_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml") if not p.stem.endswith("_base"))  # train, generate, ...
 GROUP_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF)
 PLUGIN_NAMES = sorted(p.stem for p in (CONF / "plugin").glob("*.yaml"))
-MODEL_PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem != "base")
+MODEL_PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 
 def _override_for(path: Path) -> str | None:
-    """conf/GROUP/NAME.yaml -> the CLI override that selects it; None for a base that others extend."""
+    """conf/GROUP/NAME.yaml -> the CLI override that selects it."""
     group = path.parent.relative_to(CONF).as_posix()
-    if path.stem == "base":
-        return None
     # a group already in train.yaml's defaults (or one of Hydra's own) is swapped; others are appended
     plus = "" if group in TRAIN_GROUPS or group.startswith("hydra/") else "+"
     return f"{plus}{group}={path.stem}"
@@ -114,7 +112,8 @@ def test_discovery_finds_the_shipped_groups():
     )
     assert {"train", "generate", "evaluate"} <= set(ROOT_CONFIGS)
     assert _override_for(CONF / "plugin" / "x.yaml") == "+plugin=x"  # not in train.yaml's defaults: appended
-    assert _override_for(CONF / "model" / "base.yaml") is None
+    # the presets' shared bases are no choices (they would show in `--help` as `model: base, ...`)
+    assert not any(o.endswith("=base") for o in GROUP_OVERRIDES)
 
 
 @pytest.mark.parametrize("override", GROUP_OVERRIDES)
@@ -152,7 +151,7 @@ def test_data_presets_name_registered_sources_and_options():
     import microgpt.data  # noqa: F401  (registers sources and tokenizers)
     from microgpt.registry import SOURCE, TOKENIZER
 
-    presets = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "base")
+    presets = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
     assert presets
     for preset in presets:
         d = container(f"data={preset}")["data"]
@@ -182,14 +181,14 @@ def test_model_presets_build_valid_configs():
 # ---- presets are diffs over base ----------------------------------------------------------------------
 
 
-BASE_KEYS = set(yaml.safe_load((CONF / "model" / "base.yaml").read_text()))
+BASE_KEYS = set(yaml.safe_load((CONF / "model_base.yaml").read_text()))
 
 
 @pytest.mark.parametrize("preset", MODEL_PRESETS)
 def test_model_preset_is_a_small_diff_over_base(preset):
     raw = yaml.safe_load((CONF / "model" / f"{preset}.yaml").read_text()) or {}
     defaults = raw.pop("defaults", [])
-    assert "base" in defaults, f"model/{preset}.yaml must start from base"
+    assert "/model_base@_here_" in defaults, f"model/{preset}.yaml must start from model_base"
     assert len(raw) < len(BASE_KEYS), f"model/{preset}.yaml restates base instead of a diff"
     assert set(raw) <= BASE_KEYS, f"model/{preset}.yaml sets keys base does not have: {sorted(set(raw) - BASE_KEYS)}"
 

@@ -288,7 +288,8 @@ def test_evaluate_cli_on_an_hf_dir_matches_transformers(gpt2, corpus, tmp_path):
     f = tmp_path / "eval.txt"
     f.write_text(text, encoding="utf-8")
     r = run_cli(
-        ["-m", "microgpt.evaluate", f"ckpt={gpt2.dir}", "data=text", f"data.path={f}", "batch_size=8"], timeout=240
+        ["-m", "microgpt.evaluate", f"ckpt={gpt2.dir}", "data=text", f"data.path={f}", "split=val", "batch_size=8"],
+        timeout=240,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])

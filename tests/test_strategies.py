@@ -304,7 +304,11 @@ def test_short_run_learns_and_its_checkpoint_evaluates_like_the_live_model(strat
     assert final < first and final < math.log(hp["model"]["vocab_size"]) - 0.3, r["val"]
 
     # the evaluate CLI on the checkpoint == the live model on the same full val split
-    cp = ok(run_group(["-m", "microgpt.evaluate", f"ckpt={r['ckpt']}", "data=text", f"data.path={text}"], timeout=120))
+    cp = ok(
+        run_group(
+            ["-m", "microgpt.evaluate", f"ckpt={r['ckpt']}", "data=text", f"data.path={text}", "split=val"], timeout=120
+        )
+    )
     ev = json.loads(cp.stdout.strip().splitlines()[-1])
     live = r["probe"]
     assert ev["tokens"] == live["tokens"]

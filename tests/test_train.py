@@ -358,7 +358,8 @@ def test_generate_cli_greedy_matches_in_process_and_seeds_are_reproducible(train
 
 def test_evaluate_cli_matches_an_independent_loop_over_the_val_split(trained, shakespeare, small_text, tmp_path):
     ckpt = trained["last_ckpt"]  # trained on all of tiny Shakespeare, evaluated on the val split of its first 60 KB
-    p = run_cli(["-m", "microgpt.evaluate", f"ckpt={ckpt}", "data=text", f"data.path={small_text}"], 300, tmp_path)
+    args = ["-m", "microgpt.evaluate", f"ckpt={ckpt}", "data=text", f"data.path={small_text}", "split=val"]
+    p = run_cli(args, 300, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert {"val_loss", "perplexity", "bits_per_byte", "tokens"} <= set(res)

@@ -25,6 +25,9 @@ def quiet_env() -> None:
     warnings.filterwarnings("ignore", message="The `srun` command is available")
     # the CSV logger writes metrics.csv into the Hydra run dir, which already holds .hydra/ and train.log by design
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    from microgpt.console import quiet
+
+    quiet()  # known third-party noise (see microgpt.console)
     one_line_hydra_errors()
 
 

@@ -6,16 +6,22 @@ python -m microgpt.generate ckpt=PATH prompt="ROMEO:" max_new_tokens=200 tempera
 from __future__ import annotations
 
 import sys
+import time
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
 from microgpt.cli import CONF_DIR, exit_on_error, quiet_env
+from microgpt.stopping import Stopper, end_of_text_id, stop_strings
 
 
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, out=sys.stdout, **sampling) -> str:
-    """Generate after `prompt`, writing text to `out` as it comes; returns the generated text."""
+def stream_text(
+    model, tokenizer, prompt: str, max_new_tokens: int, out=sys.stdout, stopper: Stopper | None = None, **sampling
+) -> str:
+    """Generate after `prompt`, writing text to `out` as it comes; returns the generated text.
+    Stops early at the tokenizer's end-of-text token or a stop string (`stopper`; default: end-of-text)."""
+    stopper = stopper or Stopper(end_of_text_id(tokenizer))
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:  # an empty prompt starts from token 0 (a newline for char models trained on text)
@@ -24,15 +30,20 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, out=sys.stdo
     new: list[int] = []
     shown = ""
     for tok in model.generate_stream(idx, max_new_tokens, **sampling):
+        if stopper.is_eos(int(tok[0, 0])):
+            break
         new.append(int(tok[0, 0]))
         # decode the whole tail each time: byte/BPE tokens can end mid-character, so print only what is settled
-        text = tokenizer.decode(new)
-        settled = text.rstrip("\ufffd")
+        text, stopped = stopper.cut(tokenizer.decode(new))
+        if stopped:
+            break
+        settled = stopper.printable(text.rstrip("\ufffd"))
         if len(settled) > len(shown):
             out.write(settled[len(shown) :])
             out.flush()
             shown = settled
-    text = tokenizer.decode(new)
+    text, _ = stopper.cut(tokenizer.decode(new))
+    stream_text.tokens = len(new)  # what the last call generated (verbose=true reports tokens/s)
     if len(text) > len(shown):
         out.write(text[len(shown) :])
     out.write("\n")
@@ -48,21 +59,29 @@ def generate(cfg: DictConfig) -> list[str]:
     prompt = read_prompt(cfg)  # prompt=..., prompt=- (stdin) or prompt_file=PATH
     model, tokenizer = load(cfg.ckpt, map_location=cfg.device)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    stops = stop_strings(cfg.get("stop"))
     texts = []
     for _ in range(cfg.num_samples):
         sys.stdout.write(prompt)
+        stopper = Stopper(end_of_text_id(tokenizer), stops)
+        t0 = time.perf_counter()
         texts.append(
             stream_text(
                 model,
                 tokenizer,
                 prompt,
                 cfg.max_new_tokens,
+                stopper=stopper,
                 temperature=cfg.temperature,
                 top_k=cfg.top_k,
                 top_p=cfg.top_p,
                 generator=gen,
             )
         )
+        if cfg.get("verbose"):
+            dt, n = time.perf_counter() - t0, stream_text.tokens
+            print(f"[{n} tokens in {dt:.2f}s, {n / dt if dt > 0 else 0:.1f} tokens/s; stopped at {stopper.reason}]",
+                  file=sys.stderr, flush=True)  # fmt: skip
     return texts
 
 

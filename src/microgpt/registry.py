@@ -33,6 +33,7 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str):
         self.kind = kind
+        self.attr: str | None = None  # the module-level name plugins register through (MLP, ATTENTION, ...)
         self._entries: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
@@ -48,9 +49,10 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
+            from microgpt.plugin_hints import hint
+
             raise UnknownComponentError(
-                f"unknown {self.kind} '{name}'; choose one of: {', '.join(self.names())}"
-                " (or register your own from a plugin)"
+                f"unknown {self.kind} '{name}'; choose one of: {', '.join(self.names())}{hint(self.attr, name)}"
             ) from None
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> T:
@@ -78,3 +80,7 @@ CONVERTER: Registry = Registry("converter")  # model -> model structural transfo
 TOKENIZER: Registry = Registry("tokenizer")  # text <-> token ids
 # Text sources for the data module: callables (**options) -> str.
 SOURCE: Registry = Registry("data source")  # where the training text comes from
+
+for _attr, _reg in list(globals().items()):
+    if isinstance(_reg, Registry):
+        _reg.attr = _attr

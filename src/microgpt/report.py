@@ -1,13 +1,14 @@
 """Compare models for compression: size, quality and speed in one table, a PNG and a JSON.
 
     python -m microgpt.report teacher=runs/teacher model=runs/student model=runs/distilled/checkpoints/best.ckpt \\
-        model=runs/qat/checkpoints/quantized.pt data=text data.path=../shared/data/tinyshakespeare.txt out=report
+        model=runs/qat/checkpoints/quantized.pt data=text data.path=held_out.txt out=report
 
 For every model: parameters; bytes on disk of the fp32 and bf16 exports (`microgpt.export
 format=safetensors`) and of its quantized artifact (the qat plugin's `quantized.pt` when the run wrote one
 or the model was trained with qat, otherwise `microgpt.export format=int8`); val loss and bits per byte
-on the very same val batches; generation speed (tokens/s, batch 1, greedy, KV cache, on CPU). Prints a
-rich table, writes OUT/report.json and OUT/report.png (size vs val loss, the teacher marked), and prints
+on the very same val batches; generation speed (tokens/s, batch 1, greedy, KV cache, on CPU; the median
+of `speed_repeats` timed runs after a warm-up one). Prints a table that fits the terminal (narrow
+terminals drop the least important columns; COLUMNS= sets the width where stdout is not a terminal), writes OUT/report.json and OUT/report.png (size vs val loss, the teacher marked), and prints
 a one-line JSON summary last.
 
 Options (key=value; `model=` may be given several times):
@@ -21,6 +22,7 @@ Options (key=value; `model=` may be given several times):
   block_size   evaluation context (default: the smallest block_size among the models, so that models with
                the same tokenizer see identical batches)
   gen_tokens   tokens generated for the speed measurement (default 128; 0 skips it)
+  speed_repeats  timed generations per model after one warm-up; their median is reported (default 5)
   device       where val loss is computed (default cpu); speed is always measured on CPU
   data...      the text, as for train.py: data=text data.path=FILE (default: the text recorded in the
                first checkpoint)
@@ -35,8 +37,11 @@ import itertools
 import json
 import math
 import os
+import shutil
+import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +59,7 @@ OPTIONS: dict[str, Any] = {
     "max_batches": None,
     "block_size": None,
     "gen_tokens": 128,
+    "speed_repeats": 5,
     "device": "cpu",
 }
 DATA_PREFIXES = ("data", "paths", "seed")
@@ -94,9 +100,10 @@ def parse(argv: list[str]) -> tuple[list[Entry], dict[str, Any], list[str]]:
         entries.append(Entry(val, teacher=key == "teacher"))
     if not entries:
         raise ConfigError("nothing to compare: pass model=PATH (several times) and optionally teacher=PATH")
-    for k in ("batch_size", "gen_tokens"):
-        if not isinstance(opts[k], int) or isinstance(opts[k], bool) or opts[k] < (1 if k == "batch_size" else 0):
-            raise ConfigError(f"{k} must be an integer >= {1 if k == 'batch_size' else 0}, got {opts[k]!r}")
+    for k in ("batch_size", "gen_tokens", "speed_repeats"):
+        low = 0 if k == "gen_tokens" else 1
+        if not isinstance(opts[k], int) or isinstance(opts[k], bool) or opts[k] < low:
+            raise ConfigError(f"{k} must be an integer >= {low}, got {opts[k]!r}")
     for k in ("max_batches", "block_size"):
         if opts[k] is not None and (not isinstance(opts[k], int) or isinstance(opts[k], bool) or opts[k] < 1):
             raise ConfigError(f"{k} must be an integer >= 1 or null, got {opts[k]!r}")
@@ -237,7 +244,7 @@ def measure(model, batches: list, bytes_per_token: float, prompt: torch.Tensor, 
         "val_loss": ev["val_loss"],
         "bits_per_byte": ev["bits_per_byte"],
         "val_tokens": ev["tokens"],
-        "tokens_per_s": tokens_per_second(model, prompt, opts["gen_tokens"]),
+        "tokens_per_s": tokens_per_second(model, prompt, opts["gen_tokens"], opts.get("speed_repeats", 5)),
     }
 
 
@@ -246,15 +253,18 @@ def _batches_for(dm, batch_size: int, max_batches: int | None) -> list:
 
 
 @torch.no_grad()
-def tokens_per_second(model, prompt: torch.Tensor, n: int) -> float | None:
-    """Greedy generation of n tokens after `prompt` (1, T) on CPU, KV cache on; one short warm-up first."""
+def tokens_per_second(model, prompt: torch.Tensor, n: int, repeats: int = 5) -> float | None:
+    """Greedy generation of n tokens after `prompt` (1, T) on CPU, KV cache on: one full-length warm-up
+    (allocations, caches), then the median of `repeats` timed runs (one run alone is noise on a busy CPU)."""
     if n <= 0:
         return None
-    model.generate(prompt, min(4, n), temperature=0.0)
-    t0 = time.perf_counter()
-    out = model.generate(prompt, n, temperature=0.0)
-    dt = time.perf_counter() - t0
-    return (out.shape[1] - prompt.shape[1]) / dt
+    model.generate(prompt, n, temperature=0.0)
+    rates = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        out = model.generate(prompt, n, temperature=0.0)
+        rates.append((out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t0))
+    return statistics.median(rates)
 
 
 # ---- the report ----------------------------------------------------------------------------------------
@@ -370,6 +380,7 @@ def build_report(argv: list[str]) -> dict[str, Any]:
         "batch_size": opts["batch_size"],
         "max_batches": opts["max_batches"],
         "gen_tokens": opts["gen_tokens"],
+        "speed_repeats": opts["speed_repeats"],
         "threads": torch.get_num_threads(),
         "device": opts["device"],
     }
@@ -398,47 +409,87 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def table(report: dict[str, Any]):
-    """The rich table: float model columns, then its quantized artifact's, then both against the teacher."""
+def display_label(r: dict[str, Any]) -> str:
+    """The row's name; the teacher's says so unless its name already does (no "teacher (teacher)")."""
+    return f"{r['label']} (teacher)" if r["teacher"] and "teacher" not in r["label"].lower() else r["label"]
+
+
+# columns, most important first: narrow terminals drop them from the end of this list
+COLUMNS = [
+    ("model", lambda r: display_label(r)),
+    ("params", lambda r: f"{r['params']:,}"),
+    ("fp32", lambda r: human_bytes(r["fp32_bytes"])),
+    ("val loss", lambda r: _fmt(r["val_loss"], ".4f")),
+    ("quantized", lambda r: human_bytes(r["quant_bytes"])),
+    ("q loss", lambda r: _fmt(r["quant_val_loss"], ".4f")),
+    (
+        "x smaller",
+        lambda r: _fmt(r["quant_smaller_than_teacher"], ".1f") + ("x" if r["quant_smaller_than_teacher"] else ""),
+    ),
+    ("tok/s", lambda r: _fmt(r["tokens_per_s"], ".0f")),
+    ("bpb", lambda r: _fmt(r["bits_per_byte"], ".3f")),
+    ("q format", lambda r: r["quant_kind"] or "-"),
+    ("loss/T", lambda r: _fmt(r["loss_vs_teacher"], ".3f")),
+    ("q loss/T", lambda r: _fmt(r["quant_loss_vs_teacher"], ".3f")),
+    ("q tok/s", lambda r: _fmt(r["quant_tokens_per_s"], ".0f")),
+    ("bf16", lambda r: human_bytes(r["bf16_bytes"])),
+]
+CAPTIONS = {
+    "q loss": "q = the quantized artifact",
+    "x smaller": "x smaller = the teacher's fp32 export / the quantized artifact",
+    "loss/T": "loss/T = val loss / the teacher's",
+}
+
+
+def table(report: dict[str, Any], columns: list[str] | None = None):
+    """The rich table: float model columns, its quantized artifact's, and both against the teacher."""
     from rich.table import Table
 
+    names = columns or [c for c, _ in COLUMNS]
     data = report["data"]
     title = f"compression report: {data.get('path') or data.get('source')} (context {data['block_size']})"
-    caption = (
-        "q = the quantized artifact; x smaller = the teacher's fp32 export / the quantized artifact; "
-        "loss/T = val loss / the teacher's"
-    )
+    caption = "; ".join(v for k, v in CAPTIONS.items() if k in names) or None
     t = Table(title=title, caption=caption)
-    cols = ["model", "params", "fp32", "bf16", "val loss", "bpb", "tok/s", "quantized", "q format", "q loss"]
-    cols += ["q tok/s", "x smaller", "loss/T", "q loss/T"]
-    for col in cols:
-        t.add_column(col, justify="left" if col in ("model", "q format") else "right", no_wrap=col != "model")
-    for r in report["models"]:
-        t.add_row(
-            f"{r['label']} (teacher)" if r["teacher"] else r["label"],
-            f"{r['params']:,}",
-            human_bytes(r["fp32_bytes"]),
-            human_bytes(r["bf16_bytes"]),
-            _fmt(r["val_loss"], ".4f"),
-            _fmt(r["bits_per_byte"], ".3f"),
-            _fmt(r["tokens_per_s"], ".0f"),
-            human_bytes(r["quant_bytes"]),
-            r["quant_kind"] or "-",
-            _fmt(r["quant_val_loss"], ".4f"),
-            _fmt(r["quant_tokens_per_s"], ".0f"),
-            _fmt(r["quant_smaller_than_teacher"], ".1f") + ("x" if r["quant_smaller_than_teacher"] else ""),
-            _fmt(r["loss_vs_teacher"], ".3f"),
-            _fmt(r["quant_loss_vs_teacher"], ".3f"),
+    for col in names:
+        wide = col == "model"  # long labels wrap (at most 28 columns); numbers never do
+        t.add_column(
+            col,
+            justify="left" if col in ("model", "q format") else "right",
+            no_wrap=not wide,
+            max_width=28 if wide else None,
         )
+    cells = dict(COLUMNS)
+    for r in report["models"]:
+        t.add_row(*(cells[c](r) for c in names))
     return t
+
+
+def fitting_table(report: dict[str, Any], width: int):
+    """The table with as many columns (in COLUMNS' order of importance) as fit in `width` characters."""
+    from rich.console import Console
+
+    console = Console(width=100_000, file=io.StringIO())  # unclamped: the natural width
+    names = [c for c, _ in COLUMNS]
+    while len(names) > 2:
+        t = table(report, names)
+        if console.measure(t).maximum <= width:  # every column at its natural width: nothing squeezed
+            return t, names
+        names.pop()
+    return table(report, names), names
 
 
 def print_table(report: dict[str, Any], file=None) -> None:
     from rich.console import Console
 
     file = file or sys.stdout
-    width = None if file.isatty() else 160  # a pipe: don't squeeze the table into 80 columns
-    Console(file=file, width=width).print(table(report))
+    # the terminal's width; COLUMNS or 120 where stdout is a pipe or a file
+    width = shutil.get_terminal_size((120, 24)).columns
+    t, names = fitting_table(report, width)
+    Console(file=file, width=width).print(t)
+    dropped = [c for c, _ in COLUMNS if c not in names]
+    if dropped:
+        note = f"(narrow terminal: {', '.join(dropped)} left out; all of it is in {report['json']})"
+        print(textwrap.fill(note, width=max(20, width - 1)), file=file)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -451,6 +502,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    anchors: list[tuple[float, float, str, str]] = []
     for i, r in enumerate(report["models"]):
         color = "black" if r["teacher"] else colors[i % len(colors)]
         pts = [(r["fp32_bytes"], r["val_loss"], "o"), (r["quant_bytes"], r["quant_val_loss"], "s")]
@@ -464,8 +516,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             x, y, _ = pts[0]
             ax.plot(x, y, "*", color="gold", mec="black", ms=20, zorder=5, label="teacher")
         x, y, _ = pts[-1]
-        name = f"{r['label']} (teacher)" if r["teacher"] else r["label"]
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8, color=color)
+        anchors.append((x, y, r["label"], color))  # the teacher is the gold star (legend), not a "(teacher)"
     ax.plot([], [], "o", color="gray", label="fp32 export")
     ax.plot([], [], "s", color="gray", label="quantized artifact")
     ax.set_xscale("log")
@@ -475,12 +526,36 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
+    place_labels(fig, ax, anchors)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     from microgpt.io.atomic import atomic_write
 
     atomic_write(path, buf.getvalue(), what="plot")
+
+
+def place_labels(fig, ax, anchors: list[tuple[float, float, str, str]]) -> list:
+    """Annotate each point with its name, moving a label around its point (then further out) until it
+    overlaps no label placed before it. Returns the annotations."""
+    renderer = fig.canvas.get_renderer()
+    placed, texts = [], []
+    offsets = [(6, 6), (6, -14), (-6, 6), (-6, -14), (6, 18), (6, -26), (-6, 18), (-6, -26)]
+    offsets += [(dx, dy * k) for k in (2, 3, 4) for dx, dy in ((6, 14), (6, -14), (-6, 14), (-6, -14))]
+    for x, y, name, color in sorted(anchors, key=lambda a: (a[1], a[0])):
+        for dx, dy in offsets:
+            ha = "left" if dx > 0 else "right"
+            t = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8, color=color, ha=ha)
+            box = t.get_window_extent(renderer).expanded(1.05, 1.15)
+            if not any(box.overlaps(b) for b in placed):
+                break
+            t.remove()
+        else:  # crowded: the first position
+            t = ax.annotate(name, (x, y), textcoords="offset points", xytext=offsets[0], fontsize=8, color=color)
+            box = t.get_window_extent(renderer)
+        placed.append(box)
+        texts.append(t)
+    return texts
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -493,6 +568,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     quiet_env()
     report = exit_on_error(build_report)(argv)
     print_table(report)
+    from microgpt.console import report_summary
+
+    print(report_summary(report), file=sys.stderr, flush=True)  # stdout ends with one JSON line
     print(json.dumps({"json": report["json"], "png": report["png"], "models": len(report["models"])}), flush=True)
     return report
 

@@ -93,6 +93,24 @@ def _positive(name: str, value: Any) -> None:
         raise ConfigError(f"data.{name} must be > 0, got {value}")
 
 
+def tokenizer_mismatch(tok: Tokenizer, text: str) -> str:
+    """Why a checkpoint's fixed tokenizer cannot encode `text`, with advice that works when the tokenizer
+    cannot change (fine-tuning, evaluating): a tokenizer setting would be ignored there."""
+    chars = getattr(tok, "chars", None)
+    if chars is not None:
+        missing = sorted(set(text) - set(chars))
+        shown = ", ".join(repr(c) for c in missing[:8]) + (", ..." if len(missing) > 8 else "")
+        return (
+            f"this text has {len(missing)} character(s) outside the model's char vocabulary of {tok.vocab_size} "
+            f"({shown}), and a checkpoint's tokenizer cannot grow; remove or replace them in the text, or train "
+            "a new model from scratch with data.tokenizer=byte (which encodes any text)"
+        )
+    return (
+        f"the model's {tok.name} tokenizer (vocab {tok.vocab_size}) cannot encode this text; "
+        "use text the model's tokenizer covers, or train a new model instead of starting from this checkpoint"
+    )
+
+
 class TokenDataModule(L.LightningDataModule):
     """Reads text from a SOURCE, tokenizes it once (cached), and serves random-window batches.
 
@@ -236,16 +254,8 @@ class TokenDataModule(L.LightningDataModule):
         # a tokenizer from a checkpoint must cover this text; say so in terms of vocabularies
         try:
             return tok.encode_array(text)
-        except DataError as e:
-            try:
-                need = build_tokenizer(tok.name, text).vocab_size
-            except Exception:
-                need = None
-            needs = f"this text needs a {tok.name} vocab of {need}" if need is not None else "this text differs"
-            raise DataError(
-                f"the model's {tok.name} tokenizer (vocab {tok.vocab_size}) cannot encode this data ({e}); "
-                f"{needs}: fine-tune on text in the model's vocabulary or train a new model"
-            ) from None
+        except DataError:
+            raise DataError(tokenizer_mismatch(tok, text)) from None
 
     def _tokens(self, text: str, tok: Tokenizer) -> np.memmap:
         tok_json = json.dumps(tok.to_dict(), sort_keys=True)

@@ -125,6 +125,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_ckpt_file(p: Path) -> dict[str, Any]:
     """A .ckpt written by train.py (Lightning's checkpoint dict)."""
+    if p.name == "quantized.pt" or p.name.endswith(".quantized.pt"):
+        raise CheckpointError(quantized_refusal(p))
     ckpt = safe_load(
         p,
         corrupt="checkpoint {path} is corrupt or not a microgpt checkpoint ({detail}); retrain or pick another file",
@@ -135,6 +137,16 @@ def read_ckpt_file(p: Path) -> dict[str, Any]:
             f"{p} is not a microgpt checkpoint (no model config or state_dict); pass a .ckpt written by train.py"
         )
     return ckpt
+
+
+def quantized_refusal(path: str | os.PathLike) -> str:
+    """What to say when a qat artifact (quantized.pt) is given where a checkpoint is read."""
+    run = Path(path).parent.parent if Path(path).parent.name == "checkpoints" else Path(path).parent
+    return (
+        f"{path} is the qat plugin's quantized artifact, which only `python -m microgpt.report` reads; "
+        f"pass the run's checkpoint instead (ckpt={run}), or export a quantized model every command reads: "
+        f"python -m microgpt.export ckpt={run} format=int8 out=DIR"
+    )
 
 
 def _is_hf_dir(p: Path) -> bool:

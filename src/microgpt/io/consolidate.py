@@ -34,6 +34,20 @@ from microgpt.errors import CheckpointError, first_line
 from microgpt.keyvalue import KeyValueCommand
 
 USAGE = "usage: python -m microgpt.consolidate ckpt=SHARDED_CHECKPOINT_DIR [out=FILE.ckpt] [trust=false]"
+HELP = f"""{USAGE}
+
+Turn a sharded checkpoint (strategy=fsdp or deepspeed*: a directory named like a file) into one .ckpt file
+that microgpt.load, generate, evaluate, export and resume all read (torch.load weights_only=True).
+
+keys (default):
+  ckpt   the sharded checkpoint directory, e.g. RUN/checkpoints/last.ckpt (required)
+  out    the file to write (default: next to ckpt, named <ckpt stem>-consolidated.ckpt)
+  trust  false: refuse DeepSpeed files holding objects beyond a small allowlist; true: full pickle, only
+         for files you wrote yourself (default false)
+
+example:
+  python -m microgpt.consolidate ckpt=outputs/DATE/TIME/checkpoints/last.ckpt out=model.ckpt
+"""
 
 # DeepSpeed's own bookkeeping in its model-states file; everything else there is Lightning's checkpoint
 _DEEPSPEED_KEYS = {
@@ -314,7 +328,7 @@ def consolidate_to_file(path: str | Path, out: str | Path, trust: bool = False) 
 
 COMMAND = KeyValueCommand(
     "python -m microgpt.consolidate",
-    USAGE,
+    HELP,
     {"ckpt": None, "out": None, "trust": "false"},
     required=("ckpt",),
     typed=False,
@@ -337,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
         written = consolidate_to_file(src, out, trust=trust)
         meta = torch.load(written, map_location="cpu", weights_only=True)
         n = sum(v.numel() for v in meta["state_dict"].values())
-        print(f"consolidated {src} -> {written} (step {meta.get('global_step')}, {n:,} weights)", flush=True)
+        from microgpt.console import consolidate_summary
+
+        print(consolidate_summary(src, written, meta.get("global_step"), n), flush=True)
 
     _main()
 

@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -345,6 +346,9 @@ def main(cfg: DictConfig) -> None:
         dtype=cfg.dtype,
         quantize_embeddings=cfg.quantize_embeddings,
     )
+    from microgpt.console import export_summary
+
+    print(export_summary(result), file=sys.stderr, flush=True)  # stdout stays one JSON line
     print(json.dumps(result), flush=True)
 
 

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from microgpt import console
 from microgpt.config import GPTConfig
 from microgpt.errors import CheckpointError, ConfigError, MicroGPTError, first_line
 from microgpt.io.checkpoint import read_checkpoint
+from microgpt.plugin_hints import model_plugins
 from microgpt.plugins import Preparer, check_plugins, load_plugins, plugin_origin
 
 log = logging.getLogger("microgpt")
@@ -171,6 +174,7 @@ def _route_lightning_logs() -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    console.route_console()  # third-party chatter to train.log only; log lines never glued to the progress bar
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -198,7 +202,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, Any]:
     import lightning as L
 
-    mods = load_plugins(list((cfg.get("plugins") or {}).keys()))
+    try:
+        mods = load_plugins(list((cfg.get("plugins") or {}).keys()))
+    except (ImportError, SyntaxError) as e:  # a broken plugin: one line, and no half-made run dir (see run())
+        where = f" ({e.filename}:{e.lineno})" if isinstance(e, SyntaxError) else ""
+        raise ConfigError(
+            f"a plugin failed to import: {type(e).__name__}: {e}{where}; fix it or drop it from +plugin="
+        ) from None
     check_plugins(cfg, mods)  # every refusable setting and combination, before anything is built
     _check_run_settings(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -218,13 +228,19 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     prepare_plugins(trainer, module, dm)
     start.ckpt = None  # the trainer reads it again itself; don't hold two copies
     state["fitting"] = True
+    t_fit = time.perf_counter()
     try:
         fit(trainer, module, dm, start.ckpt_path, out_dir)
     except SystemExit:
         if safety.stopped is not None:  # SIGTERM/SIGINT: a checkpoint was saved; the CLI says how to resume
             raise safety.stopped from None
         raise
-    return summarize(trainer, module, out_dir)
+    wall_s = time.perf_counter() - t_fit
+    result = summarize(trainer, module, out_dir)
+    # the sample was printed at the end of training, by SafetyCallback (every rank generates, rank 0 prints)
+    if trainer.is_global_zero:
+        console.print_summary(console.train_summary(result, wall_s, trainer, dm, dm.bytes_per_token))
+    return result
 
 
 @dataclass
@@ -287,13 +303,13 @@ def build_module(cfg: DictConfig, mcfg: GPTConfig, dm, mods: dict, start: Start)
     module = LitGPT(
         model=mcfg.to_dict(),
         optimizer=build_from_config(cfg.optimizer, "optimizer"),
-        warmup_steps=cfg.scheduler.warmup_steps,
+        warmup_steps=console.warmup_steps(cfg.scheduler.warmup_steps, cfg.trainer.max_steps),
         decay_steps=cfg.scheduler.decay_steps,
         min_lr=cfg.scheduler.min_lr,
         tokenizer=dm.tokenizer.to_dict(),
         bytes_per_token=dm.bytes_per_token,
         compile=cfg.compile,
-        plugins=plugin_origin(mods),
+        plugins=plugin_origin(model_plugins(mods, mcfg)),  # only what rebuilding the model needs
         decay_embeddings=cfg.decay_embeddings,
     )
     init_model = start.init_model
@@ -327,11 +343,7 @@ def build_trainer(cfg: DictConfig, ckpt_path: str | None, extra_callbacks: list 
 
 def announce(cfg: DictConfig, module, dm, out_dir: Path) -> None:
     """The model's size on the console, and the composed config into the run directory (rank 0)."""
-    n = module.model.num_params()
-    print(
-        f"model: {n:,} parameters ({n / 1e6:.2f}M), vocab {module.model.config.vocab_size}, tokenizer {dm.tokenizer.name}",
-        flush=True,
-    )
+    print(console.model_line(module.model, module.model.config.vocab_size, dm.tokenizer.name), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
 
