@@ -12,9 +12,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-SHARED = Path(os.environ.get("MICROGPT_SHARED", ROOT.parent / "shared"))
-SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+# 320 KB of tiny Shakespeare (public domain) committed with the tests: they never read ../shared (tests/fixtures/)
+SHAKESPEARE = ROOT / "tests" / "fixtures" / "shakespeare.txt"
 PY = sys.executable
+# only bench/ may read the shared data folder beside the checkout; a test that opens a file there fails
+_SHARED_DIRS = {str(ROOT.parent / "shared"), os.environ.get("MICROGPT_SHARED") or ""}  # shared-guard
+FORBIDDEN_DIRS = tuple(os.path.abspath(d) + os.sep for d in _SHARED_DIRS if d)
+
+
+class SharedFolderRead(RuntimeError):
+    """Raised when a test opens a file in the shared data folder: tests must stand on their own."""
+
+
+def _no_shared_reads(event: str, args: tuple) -> None:
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.fsdecode(args[0])
+        if os.path.abspath(path).startswith(FORBIDDEN_DIRS):
+            msg = f"a test opened {path}: tests must not read ../shared; use tests/fixtures/"  # shared-guard
+            raise SharedFolderRead(msg)
+
+
+sys.addaudithook(_no_shared_reads)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,14 +50,12 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shakespeare() -> Path:
-    if not SHAKESPEARE.is_file():
-        pytest.fail(f"tiny Shakespeare not found at {SHAKESPEARE}; set MICROGPT_SHARED to the shared/ folder")
     return SHAKESPEARE
 
 
 @pytest.fixture
 def small_text(tmp_path) -> Path:
-    """~60 KB of tiny Shakespeare: enough for nano-model runs, quick to tokenize."""
+    """The first 60 KB of the Shakespeare fixture: enough for nano-model runs, quick to tokenize."""
     p = tmp_path / "small.txt"
     p.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     return p

@@ -58,6 +58,12 @@ def test_readme_plugin_works_from_outside_the_repo(tmp_path, small_text):
         "same = all(torch.equal(v, sd['model.' + k]) for k, v in m.state_dict().items())\n"
         "print(json.dumps({'mlp': type(m.blocks[0].mlp).__name__, 'scale': type(m.blocks[0].attn.proj[1]).__name__, 'same': same}))\n"
     )
-    p = run_cli(["-c", probe], env={"MICROGPT_PLUGIN_PATH": ""}, cwd=tmp_path)
+    # the checkpoint names primer but never chooses its code: without the folder on the plugin path, one line
+    p = run_cli(["-c", probe], env={"MICROGPT_PLUGIN_PATH": ""}, cwd=tmp_path / "run")
+    assert p.returncode != 0
+    err = p.stderr.strip().splitlines()[-1]
+    assert "plugin 'primer'" in err and "MICROGPT_PLUGIN_PATH" in err, err
+    # with MICROGPT_PLUGIN_PATH set (as the README exports it), load() imports primer by name
+    p = run_cli(["-c", probe], env={"MICROGPT_PLUGIN_PATH": str(tmp_path / "myplugins")}, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout.strip().splitlines()[-1]) == {"mlp": "ReLU2MLP", "scale": "Scale", "same": True}

@@ -154,8 +154,6 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def text(work) -> Path:
     """~60 KB of tiny Shakespeare (54k train / 6k val characters)."""
-    if not SHAKESPEARE.is_file():
-        pytest.fail(f"tiny Shakespeare not found at {SHAKESPEARE}; set MICROGPT_SHARED to the shared/ folder")
     p = work / "small.txt"
     p.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     return p

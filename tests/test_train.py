@@ -170,7 +170,7 @@ def test_first_steps_match_plain_pytorch_loop(tmp_path, small_text, monkeypatch)
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shakespeare) -> dict:
-    """60 nano steps on tiny Shakespeare, evaluated every 10 steps (shared by the checkpoint/CLI tests)."""
+    """60 nano steps on the tiny Shakespeare fixture, evaluated every 10 steps (shared by the checkpoint/CLI tests)."""
     out = tmp_path_factory.mktemp("trained") / "run"
     cfg = compose(
         nano(shakespeare, "trainer.max_steps=60", "trainer.val_check_interval=10", "data.eval_batches=5"), out
@@ -286,7 +286,7 @@ def test_load_gives_eval_model_and_tokenizer_matching_the_live_module(trained):
     with torch.no_grad():
         logits = model(torch.tensor([ids]))
     assert logits.shape == (1, 6, model.config.vocab_size)
-    assert model.config.vocab_size == 65  # tiny Shakespeare's distinct characters
+    assert model.config.vocab_size == 63  # the Shakespeare fixture's distinct characters (tests/fixtures/README.md)
 
     live = trained["module"].model
     live.eval()
@@ -357,7 +357,7 @@ def test_generate_cli_greedy_matches_in_process_and_seeds_are_reproducible(train
 
 
 def test_evaluate_cli_matches_an_independent_loop_over_the_val_split(trained, shakespeare, small_text, tmp_path):
-    ckpt = trained["last_ckpt"]  # trained on all of tiny Shakespeare, evaluated on the val split of its first 60 KB
+    ckpt = trained["last_ckpt"]  # trained on the whole fixture, evaluated on the val split of its first 60 KB
     args = ["-m", "microgpt.evaluate", f"ckpt={ckpt}", "data=text", f"data.path={small_text}", "split=val"]
     p = run_cli(args, 300, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -525,12 +525,18 @@ def test_user_plugin_from_a_temporary_folder_trains_and_reloads(tmp_path, small_
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
 
-    # a fresh process, no plugin path: load() re-imports the plugin from where the checkpoint says it was
+    # a fresh process without the plugin on its path: the checkpoint names the plugin but never chooses its
+    # code, so loading stops with one line saying where it was and how to make it available
     code = (
         "import sys, microgpt; m, _ = microgpt.load(sys.argv[1]); a = m.layer(0).attn; "
         "print(type(a).__module__, type(a).__name__, m.config.attention, float(a.gain))"
     )
     q = run_cli(["-c", code, str(ckpt)], 300, tmp_path, env={"MICROGPT_PLUGIN_PATH": ""})
+    assert q.returncode != 0
+    err = q.stderr.strip().splitlines()[-1]
+    assert "plugin 'myattn'" in err and str(tmp_path / "myplugins") in err and "MICROGPT_PLUGIN_PATH" in err, err
+    # with the user's plugin path set, load() imports it by name
+    q = run_cli(["-c", code, str(ckpt)], 300, tmp_path, env={"MICROGPT_PLUGIN_PATH": str(tmp_path / "myplugins")})
     assert q.returncode == 0, q.stderr[-2000:]
     module, cls, name, gain = q.stdout.split()
     assert (module, cls, name) == ("microgpt_plugins.myattn", "GainAttention", "myattn")

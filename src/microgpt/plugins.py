@@ -8,7 +8,8 @@ decorators run and yaml `_target_: microgpt_plugins.NAME.Something` resolves.
 
 `microgpt_plugins` is a namespace whose search path is: $MICROGPT_PLUGIN_PATH (os.pathsep-separated),
 then the `plugins/` folder next to the config dir in use, then any `extra_dirs` given. A checkpoint
-records which plugins built it and where they lived, so `microgpt.load` can import them again.
+records which plugins built it (and where they lived); `microgpt.load` imports them again by name from
+this path only, never from the recorded folder (microgpt.checkpoint.import_recorded_plugins).
 
 The contract (what microgpt reads from a plugin; everything is optional, see plugins/README.md) is
 `PluginModule` for the package and `Preparer` for its callbacks. A plugin changes the model and the

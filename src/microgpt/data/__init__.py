@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from microgpt.data import chat_template  # noqa: E402,F401  (registers the "chat" tokenizer for checkpoints)
 from microgpt.data.sources import (
     SHAKESPEARE_URL,
     cache_root,

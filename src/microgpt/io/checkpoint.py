@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 
 from microgpt.config import GPTConfig
-from microgpt.errors import CheckpointError, first_line
-from microgpt.model import GPT, build_model
+from microgpt.errors import CheckpointError, ConfigError, first_line
+from microgpt.model import GPT
 
 EXPORT_META = "microgpt.json"  # marks a directory written by `python -m microgpt.export` (safetensors / int8)
 
@@ -26,17 +27,28 @@ def safe_load(
     corrupt: str,
     unsafe: str = "{path} cannot be loaded safely ({error}); it may hold arbitrary code",
     allow: Sequence[type] = (),
+    mmap: bool = False,
 ) -> Any:
-    """torch.load(weights_only=True) on the CPU; `allow`: extra classes the file may hold. A damaged file raises
-    CheckpointError(`corrupt`), one that needs code to load CheckpointError(`unsafe`); both are formatted with
-    {path}, {error} (the exception's type) and {detail} (its first line)."""
+    """torch.load(weights_only=True) on the CPU; `allow`: extra classes the file may hold; `mmap`: map tensor data
+    instead of reading it (when the file format allows). A damaged file raises CheckpointError(`corrupt`), one that
+    needs code to load CheckpointError(`unsafe`); both are formatted with {path}, {error} (the exception's type)
+    and {detail} (its first line)."""
     try:
         with torch.serialization.safe_globals(list(allow)):
+            if mmap:
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:  # a legacy (non-zip) torch.save file cannot be memory-mapped
+                    if "mmap" not in str(e):
+                        raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(corrupt.format(path=path, error=type(e).__name__, detail=first_line(e))) from None
     except Exception as e:  # pickle.UnpicklingError for anything outside the weights-only allowlist
-        raise CheckpointError(unsafe.format(path=path, error=type(e).__name__, detail=first_line(e))) from None
+        # name the class the file wanted to import (torch's message says it further down)
+        m = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"global '([\w.]+)'", str(e))
+        detail = f"it references {m.group(1)}" if m else first_line(e)
+        raise CheckpointError(unsafe.format(path=path, error=type(e).__name__, detail=detail)) from None
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:
@@ -173,26 +185,40 @@ FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], dict[str, Any]
 
 
 def import_recorded_plugins(hparams: dict[str, Any]) -> None:
-    """Import the plugins a checkpoint was trained with: they may register its components/converters."""
-    plugins = hparams.get("plugins") or {}
-    if plugins:
-        from microgpt.plugins import load_plugin
+    """Import the plugins a checkpoint was trained with: they may register its components/converters.
 
-        for name, where in plugins.items():
-            load_plugin(name, extra_dirs=[where] if where and Path(where).is_dir() else None)
+    By name only, from the user's own plugin path ($MICROGPT_PLUGIN_PATH, ./plugins, the shipped ones):
+    a checkpoint never chooses which code runs. The folder it recorded only goes into the error message.
+    """
+    plugins = hparams.get("plugins") or {}
+    if not plugins:
+        return
+    from microgpt.plugins import load_plugin, plugin_dirs
+
+    for name, where in plugins.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise CheckpointError(f"checkpoint records an invalid plugin name {name!r}; the file is damaged or forged")
+        try:
+            load_plugin(name)
+        except ConfigError:
+            recorded = f" (recorded at {where})" if where else ""
+            raise CheckpointError(
+                f"the checkpoint needs plugin '{name}'{recorded}, which is not on this plugin path "
+                f"({os.pathsep.join(plugin_dirs())}); if you trust that code, set MICROGPT_PLUGIN_PATH to the "
+                f"folder that holds {name}/"
+            ) from None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
     hp = ckpt["hyper_parameters"]
     import_recorded_plugins(hp)
-    model = build_model(GPTConfig.from_dict(dict(hp["model"])))
     prefix = "model."
     sd = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not match its model config ({first_line(e)})") from None
-    return model
+    # the config is checked against the tensors before anything is allocated, then the model is built on
+    # `meta` and takes the checkpoint's tensors (microgpt.safety)
+    from microgpt.safety import build_model_from_weights
+
+    return build_model_from_weights(GPTConfig.from_dict(dict(hp["model"])), sd)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu"):

@@ -138,19 +138,9 @@ def _ds_load(f: Path, trust: bool) -> dict[str, Any]:
     """DeepSpeed pickles three small classes into its optimizer files: allow exactly those."""
     if trust:
         return torch.load(f, map_location="cpu", weights_only=False)
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from microgpt.safety import CONSOLIDATE_TRUST, deepspeed_safe_globals, weights_only_load
 
-    from microgpt.io.checkpoint import safe_load
-
-    return safe_load(
-        f,
-        corrupt="DeepSpeed checkpoint file {path} is truncated or corrupt ({detail}); save it again",
-        unsafe="{path} holds objects outside the safe allowlist ({detail:.200}); if you wrote this checkpoint "
-        "yourself, pass trust=true to load it with full pickle",
-        allow=[LossScaler, ZeroStageEnum, fragment_address],
-    )
+    return weights_only_load(f, CONSOLIDATE_TRUST, deepspeed_safe_globals())
 
 
 def _natural(p: Path) -> list:
@@ -282,7 +272,14 @@ def _frozen_params(models, client, world: int, stage: int) -> dict[str, torch.Te
 def consolidate(path: str | Path, trust: bool = False) -> dict[str, Any]:
     """A sharded checkpoint (directory) -> the checkpoint dict of a single-process run."""
     p = _resolve(path)
-    ckpt = _consolidate_deepspeed(p, trust) if is_deepspeed_checkpoint(p) else _consolidate_distcp(p)
+    if is_deepspeed_checkpoint(p):
+        ckpt = _consolidate_deepspeed(p, trust)  # every file read weights-only (_ds_load) unless trusted
+    else:
+        if not trust:  # torch.distributed.checkpoint unpickles .metadata: check every pickled part first
+            from microgpt.safety import CONSOLIDATE_TRUST, check_distcp_dir
+
+            check_distcp_dir(p, CONSOLIDATE_TRUST)
+        ckpt = _consolidate_distcp(p)
     hp = ckpt.get("hyper_parameters") or {}
     if "model" not in hp or "state_dict" not in ckpt:
         raise CheckpointError(f"{p} is not a microgpt checkpoint (no model config); was it written by train.py?")

@@ -27,7 +27,7 @@ from microgpt.training.metrics import LMMetrics
 
 
 def cross_entropy(module: LitGPT, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The default objective: next-token cross-entropy."""
+    """The default objective: next-token cross-entropy, averaged over targets (labels of -100 are ignored)."""
     x, y = batch
     logits = module(x)
     loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
@@ -183,8 +183,12 @@ class LitGPT(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
+        # targets only: chat data labels its prompts and padding -100 (cross_entropy's ignore_index)
+        n = int((y != -100).sum())
+        if n == 0:
+            return
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        self.val_metrics.update(loss, y.numel())
+        self.val_metrics.update(loss, n)
 
     def on_validation_epoch_end(self) -> None:
         m = self.val_metrics.compute()

@@ -256,6 +256,10 @@ class Start:
 def resolve_start(cfg: DictConfig) -> Start:
     """ckpt_path (resume) and init_from (fine-tune) -> what the run starts from."""
     start = Start(ckpt_path=resolve_ckpt_path(cfg))
+    if start.ckpt_path is not None:  # DeepSpeed / distcp directories: every pickled part checked before they load it
+        from microgpt.safety import check_sharded_checkpoint
+
+        check_sharded_checkpoint(start.ckpt_path, trust=bool(cfg.get("trust_checkpoint", False)))
     if start.ckpt_path is not None:
         from microgpt.io.consolidate import is_sharded_checkpoint, read_meta
 
@@ -281,6 +285,10 @@ def build_model_config(cfg: DictConfig, start: Start, dm) -> GPTConfig:
         # resuming a fine-tune: the architecture is the checkpoint's (it may be a pruned base)
         mcfg = GPTConfig.from_dict(dict(ckpt["hyper_parameters"]["model"]))
     elif init_model is not None:
+        if dm.vocab_size > init_model.config.vocab_size:  # data=chat added its special tokens to the tokenizer
+            from microgpt.data.chat_template import grow_vocab
+
+            grow_vocab(init_model, dm.vocab_size)
         # fine-tuning keeps the base architecture (and its converters); this run may add converters
         base = init_model.config.to_dict()
         converters = base["converters"] + [c for c in converter_specs(cfg) if c not in base["converters"]]
