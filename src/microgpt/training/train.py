@@ -97,6 +97,13 @@ def _check_run_settings(cfg: DictConfig) -> None:
     positive("data.batch_size", cfg.data.get("batch_size"))
     if cfg.scheduler.warmup_steps < 0:
         raise ConfigError(f"scheduler.warmup_steps must be >= 0, got {cfg.scheduler.warmup_steps}")
+    shape = cfg.scheduler.get("shape", "cosine")
+    if shape not in ("cosine", "linear", "wsd"):
+        raise ConfigError(f"unknown scheduler.shape '{shape}'; choose one of: cosine, linear, wsd")
+    if not 0 < cfg.scheduler.get("cooldown_fraction", 0.2) <= 1:
+        raise ConfigError(
+            f"scheduler.cooldown_fraction must be in (0, 1], got {cfg.scheduler.get('cooldown_fraction')}"
+        )
     if cfg.scheduler.min_lr < 0 or cfg.scheduler.min_lr > cfg.optimizer.lr:
         raise ConfigError(
             f"scheduler.min_lr must be in [0, optimizer.lr={cfg.optimizer.lr}], got {cfg.scheduler.min_lr}"
@@ -314,6 +321,8 @@ def build_module(cfg: DictConfig, mcfg: GPTConfig, dm, mods: dict, start: Start)
         warmup_steps=console.warmup_steps(cfg.scheduler.warmup_steps, cfg.trainer.max_steps),
         decay_steps=cfg.scheduler.decay_steps,
         min_lr=cfg.scheduler.min_lr,
+        lr_shape=cfg.scheduler.get("shape", "cosine"),
+        cooldown_fraction=cfg.scheduler.get("cooldown_fraction", 0.2),
         tokenizer=dm.tokenizer.to_dict(),
         bytes_per_token=dm.bytes_per_token,
         compile=cfg.compile,
