@@ -48,8 +48,8 @@ format: $(STAMP) ## ruff fix + format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP) ## training throughput vs a plain PyTorch loop (needs ../shared/data/tinyshakespeare.txt or BENCH_DATA=)
-	$(PY) bench/throughput.py
+bench: $(STAMP) ## microgpt vs nanoGPT's own code, side by side (needs the developers' ../shared folder)
+	$(PY) bench/vs_nanogpt.py
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,7 +1,7 @@
 """Training throughput: microgpt (Lightning) against a plain PyTorch loop over the same GPT, in one process.
 
     .venv/bin/python bench/throughput.py [--steps N] [--repeats R] [--data PATH]
-        [--precision 32-true bf16-mixed] [--compile [off|on|both]] [--runners ...] [--full]
+        [--precision 32-true bf16-mixed] [--compile [off|on|both]] [--runners ...]
 
 For every configuration (precision x compile), repeated R times and interleaved, it runs:
   lightning  `microgpt.train.run(cfg)` on `experiment=shakespeare_baby callbacks=none logger=none
@@ -13,11 +13,9 @@ For every configuration (precision x compile), repeated R times and interleaved,
              disturbed by other jobs on a shared machine
   defaults   `run(cfg)` with the experiment's own callbacks and CSV logger (what `train.py` runs)
 Throughput = batch * block * steps / time of `steps` steps after `--warmup` (no validation inside the
-window). Medians over repeats are compared with each other and with nanoGPT's CPU reference
-(../shared/BENCHMARKS.md). A short `train.py` subprocess gives the peak RSS.
-
-`--full` runs the whole 2000-step `experiment=shakespeare_baby` through `train.py` in a subprocess
-instead, and reports wall time, peak RSS and val_loss at step 2000 (from metrics.csv) against nanoGPT.
+window). Medians over repeats are compared with each other: the Lightning overhead figure. A short
+`train.py` subprocess gives the peak RSS. microgpt against nanoGPT itself (its own code, side by side):
+bench/vs_nanogpt.py (`make bench`) and bench/speedrun.py.
 
 Results: bench/results/<tag>.json; bench/results/throughput.md is rebuilt from every json there.
 """
@@ -26,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime as dt
 import io
 import json
@@ -50,11 +47,8 @@ CONF = ROOT / "conf"
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 PY = sys.executable
-RUNNERS = ["lightning", "plain", "paired", "defaults", "nanogpt-like"]
+RUNNERS = ["lightning", "plain", "paired", "defaults"]
 
-# ../shared/BENCHMARKS.md: nanoGPT's "baby GPT" CPU configuration on this machine (2 threads, quiet)
-NANOGPT = {"tok_s": 20_100.0, "ms_per_iter": 38.2, "val_loss": 1.8857, "wall_s": 85.0, "rss_mb": 370.0}
-TARGET_X = 1.15  # microgpt should reach >= 1.15x nanoGPT's throughput
 OVERHEAD_TARGET = 0.03  # Lightning overhead against the plain loop <= 3%
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
@@ -209,45 +203,6 @@ class PlainTrainer:
         return loss
 
 
-class NanoGPTLike(PlainTrainer):
-    """A same-machine stand-in for nanoGPT's CPU run, written from its documented settings (not its code).
-
-    BENCHMARKS.md's nanoGPT figures come from one machine; this one may differ (see `cpu_flags`). What differs
-    from `plain`: exact GELU forced (nanoGPT's nn.GELU; also microgpt's default `mlp=gelu`), the default foreach
-    AdamW (nanoGPT fuses AdamW on CUDA only), and a nanoGPT-style get_batch: a fresh memmap of the token file,
-    random offsets from the global-style generator, one slice per row, stacked. Same shapes and model size.
-    Always fp32 and eager, as the reference run: with --precision/--compile it is the baseline to beat.
-    """
-
-    decay_embeddings = staticmethod(lambda cfg: True)  # nanoGPT decays every matrix, wte and wpe included
-
-    def __init__(self, cfg, dm, mcfg, precision: str, compiled: bool, fused: bool):
-        from microgpt.components.mlp import GeluMLP
-
-        # nanoGPT's reference run is fp32 and eager whatever the configuration under test
-        super().__init__(cfg, dm, mcfg, "32-true", False, fused=False)
-        for m in self.model.modules():
-            if isinstance(m, GeluMLP):
-                m.approximate = "none"  # exact GELU even if the configuration under test says gelu_tanh
-        t = dm.train_tokens
-        self.file, self.dtype, self.offset, self.n = t.filename, t.dtype, t.offset, len(t)
-        self.block = dm.block_size
-        self.batch_size = dm.batch_size
-        import torch
-
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-
-    def get_batch(self, k: int):
-        import numpy as np
-        import torch
-
-        data = np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.n,))
-        ix = torch.randint(self.n - self.block, (self.batch_size,), generator=self.gen)
-        x = torch.stack([torch.from_numpy(data[i : i + self.block].astype(np.int64)) for i in ix.tolist()])
-        y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + self.block].astype(np.int64)) for i in ix.tolist()])
-        return x, y
-
-
 # ---- timing callbacks (Lightning imported lazily) ------------------------------------------------------
 
 
@@ -364,7 +319,7 @@ def plain_run(setup, precision: str, compiled: bool, fused: bool, warmup: int, s
     }
 
 
-# ---- subprocess runs (peak RSS, --full) -------------------------------------------------------------------
+# ---- subprocess runs (peak RSS) -------------------------------------------------------------------
 
 
 def train_subprocess(args: list[str], timeout: float) -> dict:
@@ -424,21 +379,6 @@ def train_args(data: Path, run_dir: str, *overrides: str) -> list[str]:
         "print_sample=false",
         f"hydra.run.dir={run_dir}",
     ]
-
-
-def full_run(data: Path, precision: str, compiled: bool, timeout: float, seed: int | None) -> dict:
-    with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp:
-        seed_arg = [f"seed={seed}"] if seed is not None else []
-        args = train_args(data, tmp, f"trainer.precision={precision}", f"compile={str(compiled).lower()}", *seed_arg)
-        r = train_subprocess(args, timeout)
-        f = Path(tmp) / "metrics.csv"
-        rows = list(csv.DictReader(f.open(newline=""))) if f.is_file() else []
-    vals = [(int(row["step"]), float(row["val_loss"])) for row in rows if row.get("val_loss")]
-    r["command"] = " ".join([".venv/bin/python", "train.py", *args[:-1], "hydra.run.dir=<tmp>"])
-    r["val_curve"] = vals
-    r["val_step"], r["val_loss"] = vals[-1] if vals else (None, math.nan)
-    r["best_val_loss"] = min((v for _, v in vals), default=math.nan)
-    return r
 
 
 # ---- reporting ----------------------------------------------------------------------------------------
@@ -514,19 +454,16 @@ def rebuild_markdown() -> Path:
             d = json.loads(f.read_text())
         except ValueError:
             continue
-        if isinstance(d, dict) and d.get("kind") in ("throughput", "full"):
+        if isinstance(d, dict) and d.get("kind") == "throughput":
             docs.append(d)
     lines = [
-        "# Training throughput: microgpt vs a plain PyTorch loop vs nanoGPT",
+        "# Training throughput: microgpt (Lightning) vs a plain PyTorch loop over the same GPT",
         "",
-        "Written by `bench/throughput.py` (see bench/README.md); do not edit by hand. nanoGPT reference "
-        f"(../shared/BENCHMARKS.md, this machine type, quiet): {NANOGPT['tok_s'] / 1000:.1f}k tok/s = "
-        f"{NANOGPT['ms_per_iter']} ms/iter, val {NANOGPT['val_loss']} at 2000 iters in {NANOGPT['wall_s']:.0f} s, "
-        f"{NANOGPT['rss_mb']:.0f} MB. Targets: >= {TARGET_X}x nanoGPT = {TARGET_X * NANOGPT['tok_s'] / 1000:.1f}k "
-        f"tok/s with val <= {NANOGPT['val_loss']}; Lightning overhead <= {OVERHEAD_TARGET:.0%} of the plain loop.",
+        "Written by `bench/throughput.py` (see bench/README.md); do not edit by hand. Target: Lightning overhead "
+        f"<= {OVERHEAD_TARGET:.0%} of the plain loop. The comparison with nanoGPT itself: vs_nanogpt.md.",
         "",
     ]
-    for d in sorted(docs, key=lambda d: (d["kind"] != "throughput", d["date"])):
+    for d in sorted(docs, key=lambda d: d["date"]):
         m = d["machine"]
         lines += [f"## {d['title']}", "", f"- command: `{d['command']}`", f"- date: {d['date']}"]
         lines.append(
@@ -567,8 +504,6 @@ def summarize(a, configs, runs) -> tuple[list[str], list[list[str]], dict]:
         "vs plain",
         "tok/s, median step",
         "vs plain, median step",
-        "vs nanoGPT-like (same run)",
-        "vs nanoGPT 20.1k (tok/s, median step)",
         "others' CPU",
         "loss@end",
     ]
@@ -603,10 +538,6 @@ def summarize(a, configs, runs) -> tuple[list[str], list[list[str]], dict]:
                 p_step = [_med_step_tok(tps, x["step_s"]) for x in series[ref]]
                 vs = statistics.median(u / v for u, v in zip(tok, p_tok))
                 vs_step = statistics.median(u / v for u, v in zip(step_tok, p_step))
-            vs_nano = math.nan
-            if "nanogpt-like" in series and name != "nanogpt-like":  # repeat by repeat, median steps
-                n_step = [_med_step_tok(tps, x["step_s"]) for x in series["nanogpt-like"]]
-                vs_nano = statistics.median(u / v for u, v in zip(step_tok, n_step))
             others = [x.get("others_cpu", math.nan) for x in rs]
             summary[f"{tag}/{name}"] = {
                 "tok_s": tok,
@@ -616,9 +547,6 @@ def summarize(a, configs, runs) -> tuple[list[str], list[list[str]], dict]:
                 "median_of_median_step_tok_s": med_step,
                 "vs_plain": vs,
                 "vs_plain_median_step": vs_step,
-                "vs_nanogpt_like_median_step": vs_nano,
-                "vs_nanogpt": med / NANOGPT["tok_s"],
-                "vs_nanogpt_median_step": med_step / NANOGPT["tok_s"],
                 "others_cpu": others,
                 "final_loss": [x["final_loss"] for x in rs],
                 "fused_adamw": rs[0]["fused"],
@@ -635,8 +563,6 @@ def summarize(a, configs, runs) -> tuple[list[str], list[list[str]], dict]:
                     _f3(vs),
                     f"{med_step:,.0f}",
                     _f3(vs_step),
-                    _f3(vs_nano),
-                    f"{med / NANOGPT['tok_s']:.3f} / {med_step / NANOGPT['tok_s']:.3f}",
                     f"{100 * statistics.median(others):.0f}%",
                     f"{rs[-1]['final_loss']:.4f}",
                 ]
@@ -669,10 +595,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quiet", type=float, default=0.15, help="threshold for --wait-quiet (fraction of all CPUs)")
     ap.add_argument("--no-rss", action="store_true", help="skip the train.py subprocess that measures peak RSS")
     ap.add_argument("--rss-steps", type=int, default=260, help="steps of that subprocess (260: one val + checkpoint)")
-    ap.add_argument("--full", action="store_true", help="run the whole 2000-step experiment via train.py instead")
-    ap.add_argument(
-        "--seeds", type=int, nargs="+", default=[None], help="--full: one run per seed (default: the config's, 1337)"
-    )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed to a train.py subprocess")
     ap.add_argument("--tag", default=None, help="results file name (default: from the configuration)")
     ap.add_argument("--no-write", action="store_true", help="print only; write nothing under bench/results")
@@ -708,9 +630,7 @@ def measure(a, configs) -> dict[tuple, list[dict]]:
                 quiet_before = meter.wait_quiet(a.wait_quiet, a.quiet) if a.wait_quiet > 0 else math.nan
                 meter.start()
                 t0 = time.perf_counter()
-                if r == "nanogpt-like":
-                    res = plain_run(setups[pc], pc[0], pc[1], False, a.warmup, a.steps, NanoGPTLike)
-                elif r == "plain":
+                if r == "plain":
                     if pc not in fused:  # ask LitGPT once whether it fuses AdamW here
                         fused[pc] = lightning_run(a.data, pc[0], pc[1], 1, 1, "lightning")["fused"]
                         meter.start()
@@ -746,9 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     mach = machine()
     compiles = {"off": [False], "on": [True], "both": [False, True]}[a.compile]
     configs = [(p, c) for p in a.precision for c in compiles]
-    tag = a.tag or ("full-" if a.full else "throughput-") + "_".join(config_tag(p, c) for p, c in configs)
-    if a.full:
-        return run_full(a, configs, tag, date, mach)
+    tag = a.tag or "throughput-" + "_".join(config_tag(p, c) for p, c in configs)
     runs = measure(a, configs)
 
     rss = None
@@ -773,15 +691,11 @@ def main(argv: list[str] | None = None) -> int:
         "- runners: `lightning` = `microgpt.train.run` with `callbacks=none logger=none`; `plain` = hand-written "
         "loop over the same GPT, initial weights, batches, AdamW groups, LR schedule and grad clip; `paired: *` = "
         "one Lightning run with a plain step after each Lightning step, both timed per step; `defaults` = the "
-        "experiment's own callbacks (RichProgressBar, LearningRateMonitor, ModelCheckpoint) and CSV logger; "
-        "`nanogpt-like` = the plain loop changed where nanoGPT's CPU run differs (exact GELU, foreach AdamW, "
-        "nanoGPT-style get_batch; always fp32, eager): a same-machine stand-in for nanoGPT, whose 20.1k tok/s "
-        "were measured on another machine (compare the CPU flags above with ../shared/ENVIRONMENT.md's). "
-        "vs nanoGPT-like = median-step tok/s over that runner's, repeat by repeat.",
+        "experiment's own callbacks (RichProgressBar, LearningRateMonitor, ModelCheckpoint) and CSV logger. "
+        "The comparison with nanoGPT itself is bench/vs_nanogpt.py's.",
         "- tok/s = tokens of the timed window / its time, median over repeats; `median step` = tokens per step / the "
-        "run's median step time (robust to other jobs; nanoGPT's reference is a median step time too). vs plain = "
-        "median over repeats of (run / plain run of the same repeat); Lightning overhead = 1 - that. vs nanoGPT = "
-        f"tok/s / {NANOGPT['tok_s']:,.0f} (target >= {TARGET_X}). others' CPU = share of the machine's CPUs used by "
+        "run's median step time (robust to other jobs). vs plain = "
+        "median over repeats of (run / plain run of the same repeat); Lightning overhead = 1 - that. others' CPU = share of the machine's CPUs used by "
         "other processes during the run (median over repeats): above a few % the absolute numbers are not those of "
         "a quiet machine, only the side-by-side ratios are meaningful.",
     ]
@@ -791,12 +705,11 @@ def main(argv: list[str] | None = None) -> int:
             ends["paired plain"] = runs[(pc, "paired")][-1]["plain_final_loss"]
         notes.append(
             f"- {config_tag(*pc)}: training loss after {a.warmup + a.steps} steps (same init, batches and optimizer, so the loops "
-            "other than nanogpt-like should agree): " + ", ".join(f"{r} {v:.4f}" for r, v in ends.items())
+            "should agree): " + ", ".join(f"{r} {v:.4f}" for r, v in ends.items())
         )
     if rss is not None:
         notes.append(
-            f"- peak RSS of `{rss['command']}` (a subprocess; wait4 ru_maxrss): {rss['peak_rss_mb']:.0f} MB "
-            f"(nanoGPT {NANOGPT['rss_mb']:.0f} MB); it took {rss['wall_s']:.1f} s, {rss['startup_s']:.1f} s of it "
+            f"- peak RSS of `{rss['command']}` (a subprocess; wait4 ru_maxrss): {rss['peak_rss_mb']:.0f} MB; it took {rss['wall_s']:.1f} s, {rss['startup_s']:.1f} s of it "
             f"before training (imports, data, model); exit status {rss['rc']}"
         )
     for n in notes:
@@ -809,7 +722,6 @@ def main(argv: list[str] | None = None) -> int:
             "date": date,
             "machine": mach,
             "args": {k: str(v) for k, v in vars(a).items()},
-            "nanogpt": NANOGPT,
             "results": summary,
             "raw_step_s": {f"{config_tag(*pc)}/{r}": [x["step_s"] for x in runs[(pc, r)]] for pc, r in runs},
             "rss": {k: v for k, v in rss.items() if k != "tail"} if rss else None,
@@ -818,86 +730,6 @@ def main(argv: list[str] | None = None) -> int:
         }
         write(tag, doc)
     return 0
-
-
-def run_full(a, configs, tag, date, mach) -> int:
-    header = [
-        "config",
-        "wall s",
-        "startup s",
-        "val_loss (step)",
-        "best val",
-        "peak RSS MB",
-        "others' CPU",
-        "wall / nanoGPT",
-        "val - nanoGPT",
-    ]
-    rows, results = [], {}
-    for p, c in configs:
-        vals, walls = [], []
-        for seed in a.seeds:
-            r = full_run(a.data, p, c, a.timeout, seed)
-            if r["rc"] != 0:
-                print(r["tail"], file=sys.stderr)
-            key = config_tag(p, c) + (f" seed={seed}" if len(a.seeds) > 1 else "")
-            results[key] = r
-            vals.append(r["val_loss"])
-            walls.append(r["wall_s"])
-            rows.append(
-                [
-                    key,
-                    f"{r['wall_s']:.1f}",
-                    f"{r['startup_s']:.1f}",
-                    f"{r['val_loss']:.4f} ({r['val_step']})",
-                    f"{r['best_val_loss']:.4f}",
-                    f"{r['peak_rss_mb']:.0f}",
-                    f"{100 * r['others_cpu']:.0f}%",
-                    f"{r['wall_s'] / NANOGPT['wall_s']:.3f}",
-                    f"{r['val_loss'] - NANOGPT['val_loss']:+.4f}",
-                ]
-            )
-            print(" | ".join(rows[-1]), flush=True)
-        if len(a.seeds) > 1:
-            mean, sd = statistics.mean(vals), statistics.stdev(vals)
-            rows.append(
-                [
-                    f"{config_tag(p, c)} mean of {len(vals)} seeds",
-                    f"{statistics.median(walls):.1f} (median)",
-                    "",
-                    f"{mean:.4f} ± {sd:.4f} (sd)",
-                    "",
-                    "",
-                    "",
-                    f"{statistics.median(walls) / NANOGPT['wall_s']:.3f}",
-                    f"{mean - NANOGPT['val_loss']:+.4f}",
-                ]
-            )
-    md = table("Full 2000-step experiment=shakespeare_baby via train.py", header, rows, left=1)
-    notes = [
-        f"- nanoGPT: val {NANOGPT['val_loss']} at iter 2000, {NANOGPT['wall_s']:.0f} s wall incl. evals, "
-        f"{NANOGPT['rss_mb']:.0f} MB. wall = the whole subprocess (imports, tokenizing, 8 evals, checkpoints); "
-        "startup = until train.py prints its `model:` line, just before trainer.fit; others' CPU = share of the "
-        "machine's CPUs used by other processes meanwhile.",
-    ]
-    for k, r in results.items():
-        notes.append(f"- {k}: `{r['command']}`; val curve " + ", ".join(f"{s}: {v:.4f}" for s, v in r["val_curve"]))
-    for n in notes:
-        print(n)
-    if not a.no_write:
-        doc = {
-            "kind": "full",
-            "title": f"Full run: {', '.join(dict.fromkeys(k.split(' ')[0] for k in results))}",
-            "command": command_line(),
-            "date": date,
-            "machine": mach,
-            "args": {k: str(v) for k, v in vars(a).items()},
-            "nanogpt": NANOGPT,
-            "results": {k: {kk: vv for kk, vv in v.items() if kk != "tail"} for k, v in results.items()},
-            "table_md": md,
-            "notes": notes,
-        }
-        write(tag, doc)
-    return 0 if all(r["rc"] == 0 for r in results.values()) else 1
 
 
 if __name__ == "__main__":

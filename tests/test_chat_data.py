@@ -363,3 +363,21 @@ def test_fine_tuning_a_base_model_on_chat_data_grows_its_vocabulary_and_keeps_it
     # the base's rows are its own (lr ~0 keeps them); the new rows start at the mean embedding
     torch.testing.assert_close(model.wte.weight[:V], base_model.wte.weight, rtol=0, atol=1e-6)
     torch.testing.assert_close(model.wte.weight[V:], base_model.wte.weight.mean(0).expand(4, -1), rtol=0, atol=1e-6)
+
+
+def test_evaluate_scores_only_labelled_positions():
+    """microgpt.evaluate on chat data: prompt and padding positions (-100) add neither loss nor tokens."""
+    from microgpt.evaluate import evaluate_model
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    x = torch.randint(0, 11, (2, 8))
+    y = torch.randint(0, 11, (2, 8))
+    y[0, :5] = -100
+    y[1, 6:] = -100
+    logits = model(x)
+    keep = y != -100
+    want = F.cross_entropy(logits[keep], y[keep]).item()  # mean over the 9 scored positions only
+    got = evaluate_model(model, [(x, y)], bytes_per_token=1.0)
+    assert got["val_loss"] == pytest.approx(want, rel=1e-5)
+    assert keep.sum() == 9

@@ -212,7 +212,7 @@ def _train_args(text: Path, run_dir: Path, strategy: str, *extra: str) -> list[s
         "callbacks.progress_bar=null",
         "callbacks.model_summary=null",
         "callbacks.lr_monitor=null",
-        "print_sample=false",
+        # print_sample stays on (the default): a sharded model's sample needs every rank (issue 13)
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
@@ -231,7 +231,9 @@ def runs(request, work, text, probe_env):
         run_dir = work / strategy
         probe_out = work / f"{strategy}-probe.json"
         extra = ["+callbacks.probe._target_=strategy_probe.FullValProbe", f"+callbacks.probe.out={probe_out}"]
-        ok(run_group(_train_args(text, run_dir, strategy, *extra), env=probe_env))
+        cp = ok(run_group(_train_args(text, run_dir, strategy, *extra), env=probe_env))
+        # the default end-of-run sample: generated on every rank, printed once
+        assert cp.stdout.count("--- sample ---") == 1, cp.stdout[-3000:]
         last = run_dir / "checkpoints" / "last.ckpt"
         if strategy in SHARDED:
             assert last.is_dir(), f"{strategy} should save a sharded directory"

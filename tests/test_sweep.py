@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,20 +45,21 @@ def make_job_dir(sweep: Path, num: int, overrides: list[str], job_id: str, vals=
     return d
 
 
-def make_submitit(sweep: Path, job_id: str, result=None, err: str = "") -> None:
+def make_submitit(sweep: Path, job_id: str, result=None, err: str = "", num: int | None = None) -> None:
+    """submitit's folder for a SLURM job; `result` is the JSON result file the job itself writes
+    (microgpt.job_results: <sweep>/.results/<num>.json)."""
     f = sweep / ".submitit" / job_id
     f.mkdir(parents=True)
     (f / f"{job_id}_submitted.pkl").write_bytes(b"")
     (f / f"{job_id}_0_log.err").write_text(err)
     if result is not None:
-        with (f / f"{job_id}_0_result.pkl").open("wb") as fh:
-            pickle.dump(result, fh)
+        write_result(sweep, num, {**result, "slurm_job_id": job_id})
 
 
-def job_return(ok: bool, value):
-    from hydra.core.utils import JobReturn, JobStatus
-
-    return JobReturn(status=JobStatus.COMPLETED if ok else JobStatus.FAILED, _return_value=value)
+def write_result(sweep: Path, num: int, doc: dict) -> None:
+    d = sweep / ".results"
+    d.mkdir(exist_ok=True)
+    (d / f"{num}.json").write_text(json.dumps({"num": num, **doc}))
 
 
 def test_read_metrics_takes_the_last_and_the_lowest_val_loss(tmp_path):
@@ -90,15 +90,15 @@ def slurm_sweep(tmp_path) -> Path:
     )
     ov = [[f"seed={n + 1}", "model=nano"] for n in range(6)]
     make_job_dir(sweep, 0, ov[0], "5_0", {9: 2.4, 19: 2.0}, 19)
-    make_submitit(sweep, "5_0", ("success", job_return(True, 2.0)))
+    make_submitit(sweep, "5_0", {"status": "ok", "value": 2.0}, num=0)
     d1 = make_job_dir(sweep, 1, ov[1], "5_1", {19: 1.5}, 19)
     write_metrics(d1 / "metrics.before-last-123.csv", {9: 1.4}, 9)  # kept by train.py when it resumed
-    make_submitit(sweep, "5_1", ("success", job_return(True, 1.5)))
+    make_submitit(sweep, "5_1", {"status": "ok", "value": 1.5}, num=1)
     # lower val loss than any ok job, but it crashed: never the best
     make_job_dir(sweep, 2, ov[2], "5_2", {9: 1.0}, 11)
-    make_submitit(sweep, "5_2", ("error", "Traceback (most recent call last):\n  ...\nValueError: boom\n"))
+    make_submitit(sweep, "5_2", {"status": "failed", "error": "ValueError: boom"}, num=2)
     make_job_dir(sweep, 3, ov[3], "5_3", {9: 3.0}, 9)
-    make_submitit(sweep, "5_3", ("success", job_return(False, RuntimeError("loss is nan"))))
+    make_submitit(sweep, "5_3", {"status": "failed", "error": "RuntimeError: loss is nan"}, num=3)
     # no job dir (train.py removed it after bad input), no result: the log tells
     make_submitit(sweep, "5_4", None, err="INFO: x\nerror: data.path=/x does not exist; pass ...\nsrun: error: task 0")
     # submitted, nothing written yet
@@ -142,7 +142,7 @@ def test_cli_json_table_and_exit_status(slurm_sweep, capsys):
 
     # no job succeeded -> 1
     for n in ("0", "1"):
-        (slurm_sweep / ".submitit" / f"5_{n}" / f"5_{n}_0_result.pkl").unlink()
+        (slurm_sweep / ".results" / f"{n}.json").unlink()
         (slurm_sweep / ".submitit" / f"5_{n}" / f"5_{n}_0_log.err").write_text("Traceback\nKeyError: 'x'\n")
     assert main([str(slurm_sweep), "--json", "--no-slurm"]) == 1
     assert json.loads(capsys.readouterr().out)["best"] is None

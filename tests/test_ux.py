@@ -403,7 +403,7 @@ def test_help_says_what_a_command_does_with_its_keys_and_an_example(args, must, 
     assert r.returncode == 0, r.stderr
     for s in must:
         assert s in r.stdout, s
-    for s in [*must_not, "../shared", "shared/data"]:
+    for s in [*must_not, "../shared", "shared/data"]:  # shared-guard: help must not name the developers' folder
         assert s not in r.stdout, s
 
 

@@ -14,8 +14,11 @@ __version__ = "0.1.0"
 __all__ = ["GPT", "GPTConfig", "build_model", "load", "__version__"]
 
 
-def load(path, map_location="cpu"):
-    """Rebuild (model, tokenizer) from a checkpoint written by train.py; no Hydra needed."""
+def load(path, map_location="cpu", base=None):
+    """Rebuild (model, tokenizer) from a checkpoint written by train.py; no Hydra needed.
+
+    A LoRA adapter (directory or adapter.safetensors) is applied to `base`, or to the base it recorded.
+    """
     from microgpt.checkpoint import load as _load
 
-    return _load(path, map_location)
+    return _load(path, map_location, base)

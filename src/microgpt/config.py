@@ -40,7 +40,10 @@ class GPTConfig:
     rope_scaling: dict[str, Any] | None = None
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu (exact) | gelu_tanh (GPT-2) | swiglu
+    mlp: str = "gelu"  # gelu (exact) | gelu_tanh (GPT-2) | swiglu | relu2
+    qk_norm: bool = False  # RMS-normalise queries and keys per head before attention (no weights)
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap): bounds them without clipping grads
+    zero_init_proj: bool = False  # residual output projections start at zero: each block starts as identity
     tie_embeddings: bool = True  # the output head reads the token embedding's weight
     n_unique_layers: int | None = None  # cross-layer sharing: k unique blocks reused cyclically over n_layer
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1.3x slower
@@ -108,6 +111,8 @@ class GPTConfig:
                 0 < self.n_unique_layers <= self.n_layer,
                 f"model.n_unique_layers must be in 1..n_layer={self.n_layer}, got {self.n_unique_layers}",
             )
+        if self.logit_softcap is not None:
+            need(self.logit_softcap > 0, f"model.logit_softcap must be > 0 (or null), got {self.logit_softcap}")
         if self.mlp_hidden is not None:
             need(self.mlp_hidden > 0, f"model.mlp_hidden must be > 0, got {self.mlp_hidden}")
 

@@ -40,8 +40,9 @@ def evaluate_model(model, batches: Iterable, bytes_per_token: float, max_batches
             break
         x, y = x.to(device), y.to(device)
         logits = model(x)
+        # positions labelled -100 (a chat prompt, padding) are not scored: they count neither loss nor tokens
         nll += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum").item()
-        tokens += y.numel()
+        tokens += int((y != -100).sum())
     if tokens == 0:
         raise ConfigError("nothing to evaluate: the text holds less than two tokens; use a longer text")
     loss = nll / tokens

@@ -13,7 +13,6 @@ import torch
 from omegaconf import DictConfig
 
 from microgpt.cli import CONF_DIR, exit_on_error, quiet_env
-from microgpt.errors import ConfigError
 from microgpt.stopping import Stopper, end_of_text_id, stop_strings
 
 
@@ -54,24 +53,23 @@ def stream_text(
 
 def generate(cfg: DictConfig) -> list[str]:
     from microgpt import load
+    from microgpt.sampling_args import check_sampling, read_prompt
 
-    if cfg.max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be >= 0, got {cfg.max_new_tokens}")
-    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {cfg.top_p}")
+    check_sampling(cfg)  # types and ranges, ckpt given, the device exists: one error line before loading
+    prompt = read_prompt(cfg)  # prompt=..., prompt=- (stdin) or prompt_file=PATH
     model, tokenizer = load(cfg.ckpt, map_location=cfg.device)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     stops = stop_strings(cfg.get("stop"))
     texts = []
     for _ in range(cfg.num_samples):
-        sys.stdout.write(cfg.prompt)
+        sys.stdout.write(prompt)
         stopper = Stopper(end_of_text_id(tokenizer), stops)
         t0 = time.perf_counter()
         texts.append(
             stream_text(
                 model,
                 tokenizer,
-                cfg.prompt,
+                prompt,
                 cfg.max_new_tokens,
                 stopper=stopper,
                 temperature=cfg.temperature,

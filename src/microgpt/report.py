@@ -311,6 +311,9 @@ def build_report(argv: list[str]) -> dict[str, Any]:
     out_dir = Path(str(opts["out"])).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out={out_dir} is a file; pass a directory")
+    from microgpt.io.atomic import atomic_write, check_writable_dir
+
+    check_writable_dir(out_dir)  # before minutes of evaluation, not after
 
     loaded = [load_entry(e) for e in entries]
     block = opts["block_size"] or min(m.config.block_size for m, _, _ in loaded)
@@ -386,7 +389,7 @@ def build_report(argv: list[str]) -> dict[str, Any]:
     report["png"] = str(out_dir / "report.png") if opts["png"] else None
     if opts["png"]:
         plot(report, out_dir / "report.png")
-    Path(report["json"]).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    atomic_write(report["json"], json.dumps(report, indent=1), what="report")
     return report
 
 
@@ -527,7 +530,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    path.write_bytes(buf.getvalue())
+    from microgpt.io.atomic import atomic_write
+
+    atomic_write(path, buf.getvalue(), what="plot")
 
 
 def place_labels(fig, ax, anchors: list[tuple[float, float, str, str]]) -> list:

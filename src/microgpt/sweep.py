@@ -7,13 +7,16 @@ minimises microgpt.training.objective; both names stay importable from here.)
 Each job is a Hydra job directory (`<sweep dir>/<num>/.hydra/overrides.yaml`) and, for the SLURM launcher,
 the submitit folder that ran it (`<sweep dir>/.submitit/<slurm id>/`). A job is
 
-- ok       submitit's result says the task returned (or, without submitit, metrics.csv reached max_steps)
-- failed   the task raised / exited (submitit result or log), or SLURM says FAILED, CANCELLED, TIMEOUT, ...
+- ok       the job's result file says the task returned (without one: metrics.csv reached max_steps)
+- failed   the result file says it failed (with its error line) or was stopped by a signal; its process died
+           without writing a result; its log ends in an error; or SLURM says FAILED, CANCELLED, TIMEOUT, ...
 - running  still queued or running (SLURM says so, or nothing says it ended); `pending` while queued
 
+Every job writes `<sweep dir>/.results/<num>.json` (microgpt.job_results) when it starts and when it ends; these
+JSON files are the results read here (submitit's result pickles are never loaded: unpickling runs code).
 A failed job whose directory was removed (train.py cleans up after bad input) is still listed, from its
-submitit folder, with the overrides Hydra's basic sweeper gave it. Exit status: 0 when at least one job is
-ok, 1 when none is, 2 when DIR holds no sweep.
+result file or submitit folder. Exit status: 0 when at least one job is ok, 1 when none is, 2 when DIR holds
+no sweep.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import csv
 import io
 import json
 import math
-import pickle
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -130,21 +133,27 @@ def _error_line(log: Path) -> str:
     return ""
 
 
-def _read_result(pkl: Path) -> tuple[str, str]:
-    """submitit's <id>_<task>_result.pkl -> ('ok'|'failed', note). Our own sweep's pickle: trusted input."""
-    try:
-        with pkl.open("rb") as f:
-            outcome, payload = pickle.load(f)
-    except Exception as e:  # unreadable (being written) or classes that no longer import
-        return "unknown", f"cannot read {pkl.name}: {type(e).__name__}"
-    if outcome != "success":  # submitit stores the traceback text
-        lines = [ln for ln in str(payload).strip().splitlines() if ln.strip()]
-        return "failed", (lines[-1].strip() if lines else "the task raised")[:300]
-    status = getattr(payload, "status", None)  # hydra JobReturn: the task function's own outcome
-    if status is not None and getattr(status, "name", str(status)) != "COMPLETED":
-        err = getattr(payload, "_return_value", None)
-        return "failed", f"{type(err).__name__}: {err}"[:300] if err is not None else "the task failed"
-    return "ok", ""
+def _apply_result(job: Job, doc: dict[str, Any]) -> bool:
+    """Set the job's status from its result file; False when the file does not settle it (still running)."""
+    status = doc.get("status")
+    if status == "ok":
+        job.status, job.note = "ok", ""
+        return True
+    if status in ("failed", "stopped"):
+        job.status = "failed"
+        job.note = str(doc.get("error") or f"the job {status}")[:300]
+        if status == "stopped":
+            job.note += "; resume it with ckpt_path=last in its run dir"
+        return True
+    pid, host = doc.get("pid"), doc.get("host")
+    if status == "running" and isinstance(pid, int) and host == socket.gethostname():
+        from microgpt.io.atomic import pid_alive
+
+        if not pid_alive(pid):
+            job.status = "failed"
+            job.note = f"its process (PID {pid}) ended without writing a result: killed, or crashed hard"
+            return True
+    return False
 
 
 # ---- finding the jobs of a sweep ---------------------------------------------------------------------------
@@ -218,11 +227,32 @@ def find_jobs(root: str | Path, query_slurm: bool = True) -> list[Job]:
             for jid in orphans:
                 n = nums[jid]
                 found.append(Job(num=n, overrides=planned[n] if n < len(planned) else [], job_id=jid))
+        from microgpt.job_results import read_results
+
+        results = read_results(sweep_dir)
+        by_num = {j.num: j for j in found if j.num is not None}
+        for n, doc in sorted(results.items()):
+            if n not in by_num:  # its job dir was removed (bad input) or lies elsewhere
+                out = doc.get("output_dir")
+                job = Job(num=n, overrides=[str(o) for o in doc.get("overrides") or []])
+                job.dir = out if out and Path(out).is_dir() else None
+                if doc.get("slurm_job_id") in tasks:
+                    job.job_id = doc["slurm_job_id"]
+                found.append(job)
+                by_num[n] = job
         for j in found:
             if j.job_id not in tasks:  # the basic launcher numbers its jobs "0", "1", ...: not SLURM ids
                 j.job_id = None
             if j.job_id in tasks:
-                _status_from_submitit(j, tasks[j.job_id])
+                err = tasks[j.job_id] / f"{j.job_id}_0_log.err"
+                j.log = str(err) if err.exists() else None
+            doc = results.get(j.num) if j.num is not None else None
+            if doc is not None and _apply_result(j, doc):
+                continue
+            if j.job_id in tasks:
+                j.status = "running"  # settled below by SLURM's state or the log
+            elif doc is not None and doc.get("status") == "running":
+                j.status, j.note = "running", f"running (PID {doc.get('pid')} on {doc.get('host')})"
             else:
                 _status_from_files(j)
         jobs.extend(sorted(found, key=lambda j: (j.num is None, j.num or 0, j.dir or "")))
@@ -231,21 +261,6 @@ def find_jobs(root: str | Path, query_slurm: bool = True) -> list[Job]:
     for j in unsettled:
         _settle(j, states.get(j.job_id))
     return jobs
-
-
-def _status_from_submitit(job: Job, folder: Path) -> None:
-    """Decided by submitit's result pickle(s); without one the job stays `running` until _settle."""
-    jid = folder.name
-    err = folder / f"{jid}_0_log.err"
-    job.log = str(err) if err.exists() else None
-    outcomes = [_read_result(r) for r in sorted(folder.glob(f"{jid}_*_result.pkl"))]
-    bad = [n for s, n in outcomes if s == "failed"]
-    if bad:
-        job.status, job.note = "failed", bad[0] or (_error_line(err) if err.exists() else "")
-    elif outcomes and all(s == "ok" for s, _ in outcomes):
-        job.status = "ok"
-    else:
-        job.status = "running"
 
 
 def _settle(job: Job, state: str | None) -> None:

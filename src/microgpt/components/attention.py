@@ -56,6 +56,7 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_head = n_kv_head or cfg.n_kv_head
         self.head_dim = cfg.head_dim
         self.window = window
+        self.qk_norm = getattr(cfg, "qk_norm", False)
         qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias  # Qwen2: biases on q, k, v only
         self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
@@ -69,6 +70,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.qk_norm:  # unit-RMS queries and keys: attention logits stay bounded, higher lr is stable
+            q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
         if rot is not None:
             q, k = apply_rotary(q, rot), apply_rotary(k, rot)
         past = 0

@@ -20,6 +20,35 @@ from microgpt.errors import CheckpointError, ConfigError, first_line
 from microgpt.model import GPT
 
 EXPORT_META = "microgpt.json"  # marks a directory written by `python -m microgpt.export` (safetensors / int8)
+ADAPTER_META = "adapter.json"  # marks a LoRA adapter written by the lora plugin (adapter.safetensors beside it)
+
+
+def adapter_meta(path: str | os.PathLike) -> Path | None:
+    """The adapter.json of a LoRA adapter given as its directory, its .safetensors or the json itself."""
+    if isinstance(path, str) and path.startswith("hf:"):
+        return None
+    p = Path(path).expanduser()
+    if p.is_dir():
+        cand = p / ADAPTER_META
+    elif p.name == ADAPTER_META:
+        cand = p
+    elif p.suffix == ".safetensors":
+        cand = p.parent / ADAPTER_META
+    else:
+        return None
+    return cand if cand.is_file() else None
+
+
+def read_adapter(meta: Path, base: str | os.PathLike | None = None) -> dict[str, Any]:
+    """An adapter and its base (recorded, or `base`) as one checkpoint dict (the lora plugin reads it)."""
+    from microgpt.plugins import load_plugin
+
+    try:
+        where = (json.loads(meta.read_text(encoding="utf-8")).get("plugins") or {}).get("lora")
+    except (OSError, ValueError, AttributeError):
+        where = None
+    lora = load_plugin("lora", extra_dirs=[where] if where and Path(where).is_dir() else None)
+    return lora.read_adapter(meta, None if base is None else str(base))
 
 
 def safe_load(
@@ -121,13 +150,19 @@ def read_export_dir(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = None) -> dict[str, Any]:
     """torch.load with weights_only=True: a checkpoint is data, never code to execute.
+
+    A LoRA adapter (its directory, adapter.safetensors or adapter.json) comes back merged with its base
+    model (`base`, or the one it recorded) as the adapted model's checkpoint.
 
     Model directories (exported, or HF GPT-2 / Llama family) come back in the same shape: {"state_dict": {"model.*": ...},
     "hyper_parameters": {"model", "tokenizer", "plugins"}}, so every caller (load, distill's teacher)
     takes them as they are.
     """
+    meta = adapter_meta(path)
+    if meta is not None:
+        return read_adapter(meta, base)
     p = resolve_checkpoint(path)
     for _name, probe, reader in FORMATS:
         if probe(p):
@@ -221,14 +256,15 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
     return build_model_from_weights(GPTConfig.from_dict(dict(hp["model"])), sd)
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", base: str | os.PathLike | None = None):
     """`model, tokenizer = microgpt.load(path)`: the GPT in eval mode and its tokenizer.
 
-    path: a .ckpt, a run directory, an exported directory (safetensors / int8) or a local HF GPT-2 directory.
+    path: a .ckpt, a run directory, an exported directory (safetensors / int8), a local HF GPT-2 directory,
+    or a LoRA adapter (directory / adapter.safetensors) applied to `base` (default: the base it recorded).
     """
     from microgpt.data.tokenizers import tokenizer_from_dict
 
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, base)
     model = model_from_checkpoint(ckpt).to(map_location).eval()
     tok = ckpt["hyper_parameters"].get("tokenizer")
     if tok is None:

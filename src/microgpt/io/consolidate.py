@@ -316,11 +316,10 @@ def consolidate_to_file(path: str | Path, out: str | Path, trust: bool = False) 
         raise CheckpointError(
             f"the consolidated checkpoint would not load with weights_only ({first_line(e)})"
         ) from None
+    from microgpt.io.atomic import atomic_write
+
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(out)
+    atomic_write(out, buf.getvalue(), what="consolidated checkpoint")  # temp file beside it, fsync, rename
     return out
 
 
@@ -343,6 +342,9 @@ def main(argv: list[str] | None = None) -> None:
         src = _resolve(args["ckpt"])
         out = Path(args.get("out") or src.with_name(src.stem + "-consolidated.ckpt"))
         trust = str(args["trust"]).lower() in ("1", "true", "yes")
+        from microgpt.io.atomic import check_writable_dir
+
+        check_writable_dir(out.parent)  # one line before gathering the shards, not a traceback after
         written = consolidate_to_file(src, out, trust=trust)
         meta = torch.load(written, map_location="cpu", weights_only=True)
         n = sum(v.numel() for v in meta["state_dict"].values())

@@ -34,14 +34,29 @@ def cross_entropy(module: LitGPT, batch: tuple[torch.Tensor, torch.Tensor]) -> d
     return {"loss": loss, "logits": logits}  # the logits go along for loss terms (not logged)
 
 
-def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio at decay_steps, then flat (nanoGPT's get_lr)."""
+def lr_lambda(
+    step: int,
+    warmup_steps: int,
+    decay_steps: int,
+    min_lr_ratio: float,
+    shape: str = "cosine",
+    cooldown_fraction: float = 0.2,
+) -> float:
+    """Linear warmup, then decay to min_lr_ratio at decay_steps, then flat.
+
+    shape: cosine (nanoGPT's get_lr) | linear (straight line from peak to min_lr) | wsd (warmup-stable-decay:
+    flat at the peak, then linear to min_lr over the last `cooldown_fraction` of the decay window).
+    """
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if step >= decay_steps:
         return min_lr_ratio
     progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_lr_ratio)
+    if shape == "cosine":
+        return min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_lr_ratio)
+    if shape == "wsd":
+        progress = max(0.0, (progress - (1.0 - cooldown_fraction)) / cooldown_fraction)
+    return 1.0 - progress * (1.0 - min_lr_ratio)
 
 
 class LitGPT(L.LightningModule):
@@ -52,6 +67,8 @@ class LitGPT(L.LightningModule):
         warmup_steps: int = 100,
         decay_steps: int = 2000,
         min_lr: float = 1e-4,
+        lr_shape: str = "cosine",
+        cooldown_fraction: float = 0.2,
         tokenizer: dict[str, Any] | None = None,
         bytes_per_token: float = 1.0,
         compile: bool = False,
@@ -202,15 +219,21 @@ class LitGPT(L.LightningModule):
         # not norms or biases, and the embedding tables (nn.Embedding, by type) only with decay_embeddings
         embeddings = {id(m.weight) for m in self.modules() if isinstance(m, torch.nn.Embedding)}
         decay, no_decay = [], []
-        for name, p in self.named_parameters():  # the model plus any trainable plugin parts  # noqa: B007
+        decay_names, no_decay_names = [], []
+        for name, p in self.named_parameters():  # the model plus any trainable plugin parts
             if not p.requires_grad:
                 continue
             is_embedding = id(p) in embeddings
             is_matrix = p.dim() >= 2 and (self.hparams.get("decay_embeddings", False) or not is_embedding)
             (decay if is_matrix else no_decay).append(p)
+            (decay_names if is_matrix else no_decay_names).append(name)
         factory = self.optimizer_factory
         wd = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
-        groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+        # param_names (torch's own group key) lets an optimizer treat parameters by role (optimizer=muon)
+        groups = [
+            {"params": decay, "param_names": decay_names, "weight_decay": wd},
+            {"params": no_decay, "param_names": no_decay_names, "weight_decay": 0.0},
+        ]
         kwargs = {}
         # Lightning cannot clip gradients for a fused optimizer under mixed precision (it would unscale inside)
         trainer = self._trainer
@@ -226,6 +249,8 @@ class LitGPT(L.LightningModule):
                 warmup_steps=self.hparams.warmup_steps,
                 decay_steps=self.hparams.decay_steps,
                 min_lr_ratio=self.hparams.min_lr / base_lr,
+                shape=self.hparams.get("lr_shape", "cosine"),
+                cooldown_fraction=self.hparams.get("cooldown_fraction", 0.2),
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -97,6 +97,13 @@ def _check_run_settings(cfg: DictConfig) -> None:
     positive("data.batch_size", cfg.data.get("batch_size"))
     if cfg.scheduler.warmup_steps < 0:
         raise ConfigError(f"scheduler.warmup_steps must be >= 0, got {cfg.scheduler.warmup_steps}")
+    shape = cfg.scheduler.get("shape", "cosine")
+    if shape not in ("cosine", "linear", "wsd"):
+        raise ConfigError(f"unknown scheduler.shape '{shape}'; choose one of: cosine, linear, wsd")
+    if not 0 < cfg.scheduler.get("cooldown_fraction", 0.2) <= 1:
+        raise ConfigError(
+            f"scheduler.cooldown_fraction must be in (0, 1], got {cfg.scheduler.get('cooldown_fraction')}"
+        )
     if cfg.scheduler.min_lr < 0 or cfg.scheduler.min_lr > cfg.optimizer.lr:
         raise ConfigError(
             f"scheduler.min_lr must be in [0, optimizer.lr={cfg.optimizer.lr}], got {cfg.scheduler.min_lr}"
@@ -108,14 +115,14 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if p is None:
         return None
     if p == "last":
-        # the newest of last.ckpt and Lightning's SLURM pre-emption checkpoints (hpc_ckpt_N.ckpt)
-        out = Path(cfg.paths.output_dir)
-        last = out / "checkpoints" / "last.ckpt"
-        # last.ckpt is a directory under sharded strategies (fsdp, deepspeed)
-        found = [c for c in (last, *out.glob("hpc_ckpt_*.ckpt")) if c.exists()]
-        if found:
-            return str(max(found, key=lambda c: c.stat().st_mtime))
-        log.info("ckpt_path=last: no %s yet, starting from scratch", last)
+        # the newest checkpoint that loads: last.ckpt (a directory under fsdp/deepspeed), SLURM's
+        # hpc_ckpt_N.ckpt, best.ckpt, ...; a truncated newest one is skipped, naming which was used
+        from microgpt.training.safety import newest_valid_checkpoint
+
+        found = newest_valid_checkpoint(Path(cfg.paths.output_dir))
+        if found is not None:
+            return str(found)
+        log.info("ckpt_path=last: no checkpoint in %s yet, starting from scratch", cfg.paths.output_dir)
         return None
     from microgpt.io.consolidate import is_sharded_checkpoint
 
@@ -179,17 +186,24 @@ def _route_lightning_logs() -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train. Returns {'val_loss', 'best_val_loss', 'best_ckpt', 'last_ckpt', 'output_dir', 'trainer', 'module'}."""
+    from microgpt.training.safety import check_settings, claim_run_dir
+
     _route_lightning_logs()
     out_dir = Path(cfg.paths.output_dir)
     existed = out_dir.is_dir() and any(p.name not in (".hydra", "train.log") for p in out_dir.iterdir())
     state = {"fitting": False}
+    release = lambda: None  # noqa: E731
     try:
+        check_settings(cfg)
+        release = claim_run_dir(cfg, out_dir)  # one run per dir; a non-empty dir needs ckpt_path or overwrite
         return _run(cfg, out_dir, state)
     except MicroGPTError:
         # bad input found before training started: leave no half-made run directory behind
         if not existed and not state["fitting"]:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
+    finally:
+        release()
 
 
 def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, Any]:
@@ -210,18 +224,27 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
     dm.setup("fit")
     mcfg = build_model_config(cfg, start, dm)
     module = build_module(cfg, mcfg, dm, mods, start)
-    trainer = build_trainer(cfg, start.ckpt_path)
+    from microgpt.training.safety import SafetyCallback, prepare_trainer
+
+    # signals -> resumable checkpoint; a validation at the end; the sample on every rank (sharded models)
+    safety = SafetyCallback(out_dir, cfg.sample if cfg.get("print_sample") else None, dm.tokenizer)
+    trainer = build_trainer(cfg, start.ckpt_path, extra_callbacks=[safety])
+    prepare_trainer(trainer, out_dir)  # atomic checkpoint writes, stale temp files removed
     if trainer.is_global_zero:
         announce(cfg, module, dm, out_dir)
     prepare_plugins(trainer, module, dm)
     start.ckpt = None  # the trainer reads it again itself; don't hold two copies
     state["fitting"] = True
     t_fit = time.perf_counter()
-    fit(trainer, module, dm, start.ckpt_path, out_dir)
+    try:
+        fit(trainer, module, dm, start.ckpt_path, out_dir)
+    except SystemExit:
+        if safety.stopped is not None:  # SIGTERM/SIGINT: a checkpoint was saved; the CLI says how to resume
+            raise safety.stopped from None
+        raise
     wall_s = time.perf_counter() - t_fit
     result = summarize(trainer, module, out_dir)
-    if cfg.get("print_sample") and trainer.is_global_zero:
-        print_sample(module.model, dm.tokenizer, cfg.sample)
+    # the sample was printed at the end of training, by SafetyCallback (every rank generates, rank 0 prints)
     if trainer.is_global_zero:
         console.print_summary(console.train_summary(result, wall_s, trainer, dm, dm.bytes_per_token))
     return result
@@ -298,6 +321,8 @@ def build_module(cfg: DictConfig, mcfg: GPTConfig, dm, mods: dict, start: Start)
         warmup_steps=console.warmup_steps(cfg.scheduler.warmup_steps, cfg.trainer.max_steps),
         decay_steps=cfg.scheduler.decay_steps,
         min_lr=cfg.scheduler.min_lr,
+        lr_shape=cfg.scheduler.get("shape", "cosine"),
+        cooldown_fraction=cfg.scheduler.get("cooldown_fraction", 0.2),
         tokenizer=dm.tokenizer.to_dict(),
         bytes_per_token=dm.bytes_per_token,
         compile=cfg.compile,
@@ -317,7 +342,7 @@ def build_module(cfg: DictConfig, mcfg: GPTConfig, dm, mods: dict, start: Start)
     return module
 
 
-def build_trainer(cfg: DictConfig, ckpt_path: str | None):
+def build_trainer(cfg: DictConfig, ckpt_path: str | None, extra_callbacks: list | tuple = ()):
     """The Lightning Trainer with the configured callbacks and loggers; refuses a checkpoint this strategy
     cannot resume."""
     import lightning as L
@@ -325,7 +350,7 @@ def build_trainer(cfg: DictConfig, ckpt_path: str | None):
     from microgpt.training.strategies import check_resume
 
     loggers = build_loggers(cfg)
-    callbacks = build_callbacks(cfg)
+    callbacks = [*build_callbacks(cfg), *extra_callbacks]
     if not loggers:  # Lightning refuses an LR monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer = build_from_config(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
@@ -370,7 +395,7 @@ def summarize(trainer, module, out_dir: Path) -> dict[str, Any]:
     }
 
 
-def print_sample(model, tokenizer, s: DictConfig) -> None:
+def print_sample(model, tokenizer, s: DictConfig, show: bool = True) -> None:
     model.eval()
     device = next(model.parameters()).device
     ids = tokenizer.encode(s.prompt) if s.prompt else [0]
@@ -378,4 +403,5 @@ def print_sample(model, tokenizer, s: DictConfig) -> None:
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     out = model.generate(idx, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, generator=gen)
     text = tokenizer.decode(out[0, len(ids) if s.prompt else 1 :].tolist())
-    print("\n--- sample ---\n" + s.prompt + text + "\n--------------", flush=True)
+    if show:
+        print("\n--- sample ---\n" + s.prompt + text + "\n--------------", flush=True)

@@ -1,0 +1,283 @@
+"""microgpt against nanoGPT itself, side by side on this machine: `make bench`.
+
+    .venv/bin/python bench/vs_nanogpt.py [--rounds 2] [--seeds 1337 0 1 3] [--wait-quiet 120]
+
+nanoGPT is the real one: ../shared/tools/nanogpt-baseline.sh runs Karpathy's unmodified train.py with its
+README's CPU "baby GPT" settings (2000 iterations on tiny Shakespeare). microgpt runs
+`train.py experiment=shakespeare_baby` on the same text, same torch, same thread count. The two alternate
+(A B A B ...) for --rounds rounds, each round waiting for the machine to be quiet first (--wait-quiet).
+
+Per run it records: tokens/s of the training steps (median step time, validation excluded), the
+whole-process wall time, the time from process start to the first training step, the peak RSS (wait4 of
+the process tree) and the val loss at the last step. The table gives medians and microgpt/nanoGPT ratios.
+Val loss is compared over --seeds as well (mean and sd of microgpt over seeds against nanoGPT's runs;
+nanoGPT's own seed is fixed at 1337 by its train.py, so its runs differ only in timing).
+
+Results: bench/results/vs_nanogpt.json and .md, with the command, CPU model and SIMD flags.
+bench/speedrun.py reuses `run_nanogpt` / `run_microgpt` for the time-to-quality comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+SHARED = Path(os.environ.get("MICROGPT_SHARED", ROOT.parent / "shared"))
+BASELINE = SHARED / "tools" / "nanogpt-baseline.sh"
+DATA = SHARED / "data" / "tinyshakespeare.txt"
+PY = sys.executable
+TOKENS_PER_STEP = 12 * 64  # the baby GPT's batch x block
+
+sys.path.insert(0, str(BENCH))
+from throughput import LoadMeter, machine  # noqa: E402  (same folder: CPU model, flags, load meter)
+
+
+def _wait(p: subprocess.Popen, timeout: float):
+    """wait4 the child: (returncode, rusage); ru_maxrss covers its waited-for descendants too."""
+    deadline = time.time() + timeout
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            return os.waitstatus_to_exitcode(status), ru
+        if time.time() > deadline:
+            p.kill()
+            _, status, ru = os.wait4(p.pid, 0)
+            return 124, ru
+        time.sleep(0.05)
+
+
+def run_nanogpt(threads: int, timeout: float = 1800, extra: list[str] | None = None) -> dict:
+    """One run of nanogpt-baseline.sh; the val curve is timed by watching its log as it grows."""
+    work = Path(os.environ.get("NANOGPT_WORK", Path(tempfile.gettempdir()) / "nanogpt-baseline"))
+    log = work / "run.log"
+    if log.exists():
+        log.unlink()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "NANOGPT_WORK": str(work)}
+    t0 = time.time()
+    p = subprocess.Popen(
+        ["bash", str(BASELINE), PY, *(extra or [])], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    seen: dict[str, float] = {}
+    curve: list[tuple[float, int, float]] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # first-seen time of each log line (nanoGPT prints unbuffered with PYTHONUNBUFFERED)
+        pos = 0
+        while not stop.is_set():
+            if log.exists():
+                with log.open() as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                    pos = f.tell()
+                now = time.time() - t0
+                for line in chunk.splitlines():
+                    m = re.match(r"step (\d+): train loss [0-9.]+, val loss ([0-9.]+)", line)
+                    if m:
+                        curve.append((now, int(m.group(1)), float(m.group(2))))
+                    if line.startswith("iter 0:"):
+                        seen.setdefault("iter0", now)
+            time.sleep(0.05)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    rc, ru = _wait(p, timeout)
+    wall = time.time() - t0
+    time.sleep(0.2)
+    stop.set()
+    th.join()
+    out = p.stdout.read().decode()
+    m = re.search(r"wall_s=([0-9.]+) val_loss=([0-9.na]+) ms_per_iter=([0-9.na]+)", out)
+    if rc != 0 or not m:
+        raise RuntimeError(f"nanogpt-baseline.sh failed (rc {rc}): {out[-500:]}")
+    ms = float(m.group(3))
+    # iter 0's line comes after nanoGPT's step-0 evaluation (40 forward batches) and the first step
+    text = log.read_text() if log.exists() else ""
+    it0 = re.search(r"iter 0: loss [0-9.]+, time ([0-9.]+)ms", text)
+    first_step = seen.get("iter0", math.nan) - (float(it0.group(1)) / 1000 if it0 else 0.0)
+    return {
+        "impl": "nanoGPT",
+        "wall_s": wall,
+        "first_step_s": first_step,
+        "tok_s": TOKENS_PER_STEP / (ms / 1000),
+        "ms_per_step": ms,
+        "peak_rss_mb": ru.ru_maxrss / 1024,
+        "val_loss": float(m.group(2)),
+        "curve": curve,
+    }
+
+
+def run_microgpt(overrides: list[str], threads: int, timeout: float = 1800) -> dict:
+    """One `train.py` run with the bench clock callback; returns the same fields as run_nanogpt."""
+    with tempfile.TemporaryDirectory(prefix="bench-mgpt-") as tmp:
+        clock = Path(tmp) / "clock.jsonl"
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(threads),
+            "MICROGPT_BENCH_CLOCK": str(clock),
+            "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]),
+        }
+        args = [
+            *overrides,
+            f"data.path={DATA}",
+            "print_sample=false",
+            "+callbacks.bench_clock._target_=bench_clock.Clock",
+            f"hydra.run.dir={tmp}/run",
+        ]
+        t0 = time.time()
+        p = subprocess.Popen(
+            [PY, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        drain = threading.Thread(target=p.stdout.read, daemon=True)  # keep the pipe from filling
+        drain.start()
+        rc, ru = _wait(p, timeout)
+        wall = time.time() - t0
+        if rc != 0 or not clock.exists():
+            raise RuntimeError(f"train.py {' '.join(args)} failed (rc {rc})")
+        events = [json.loads(line) for line in clock.read_text().splitlines()]
+    steps = [e for e in events if e["event"] == "step"]
+    vals = [e for e in events if e["event"] == "val"]
+    after_val = {v["step"] + 1 for v in vals}  # the step that follows a validation includes it: drop it
+    dts = [b["t"] - a["t"] for a, b in zip(steps, steps[1:]) if b["step"] not in after_val]
+    ms = statistics.median(dts) * 1000
+    first = next(e["t"] for e in events if e["event"] == "first_step")
+    return {
+        "impl": "microgpt",
+        "wall_s": wall,
+        "first_step_s": first - t0,
+        "tok_s": TOKENS_PER_STEP / (ms / 1000),
+        "ms_per_step": ms,
+        "peak_rss_mb": ru.ru_maxrss / 1024,
+        "val_loss": vals[-1]["val_loss"] if vals else math.nan,
+        "curve": [(v["t"] - t0, v["step"], v["val_loss"]) for v in vals],
+        "command": "python train.py " + " ".join(a for a in args if not a.startswith(("hydra.run", "+callbacks"))),
+    }
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Wait up to max_wait s for other processes to use < threshold of the CPUs; returns their share."""
+    if max_wait <= 0:
+        return math.nan
+    return LoadMeter().wait_quiet(max_wait, threshold)
+
+
+def _med(runs: list[dict], key: str) -> float:
+    vals = [r[key] for r in runs if not math.isnan(r[key])]
+    return statistics.median(vals) if vals else math.nan
+
+
+def summarize(nano: list[dict], micro: list[dict], seeds: dict[int, float]) -> tuple[list[str], dict]:
+    rows = [
+        ("training-step tokens/s", "tok_s", "higher", 1.15, ">="),
+        ("whole-process wall (s)", "wall_s", "lower", 0.9, "<="),
+        ("start-up to first step (s)", "first_step_s", "lower", None, None),
+        ("peak RSS (MB)", "peak_rss_mb", "lower", 1.15, "<="),
+        ("val loss at step 2000", "val_loss", "lower", None, None),
+    ]
+    lines = [
+        "| figure | nanoGPT (median) | microgpt (median) | microgpt / nanoGPT | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    summary: dict = {}
+    for label, key, _, target, op in rows:
+        a, b = _med(nano, key), _med(micro, key)
+        ratio = b / a if a else math.nan
+        met = ""
+        if target is not None:
+            met = "yes" if (ratio >= target if op == ">=" else ratio <= target) else "no"
+        if key == "first_step_s":
+            target, op, met = 2.5, "<= s", ("yes" if b <= 2.5 else "no")
+        lines.append(f"| {label} | {a:.4g} | {b:.4g} | {ratio:.3f} | {op or ''} {target or ''} | {met} |")
+        summary[key] = {"nanogpt": a, "microgpt": b, "ratio": ratio, "met": met}
+    if seeds:
+        v = list(seeds.values())
+        mean, sd = statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else math.nan)
+        nano_v = statistics.mean(r["val_loss"] for r in nano)
+        ok = abs(mean - nano_v) <= sd if not math.isnan(sd) else False
+        lines.append(
+            f"| val loss, {len(v)} seeds (mean ± sd) | {nano_v:.4f} (seed 1337, fixed) | {mean:.4f} ± {sd:.4f} | "
+            f"{mean - nano_v:+.4f} | within 1 sd | {'yes' if ok else 'no'} |"
+        )
+        summary["val_seeds"] = {"microgpt": seeds, "mean": mean, "sd": sd, "nanogpt": nano_v, "met": ok}
+    return lines, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=2, help="A B rounds (default 2)")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[1337, 0, 1, 3], help="microgpt seeds for val loss")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--wait-quiet", type=float, default=120, help="seconds to wait for a quiet machine per run")
+    ap.add_argument("--overrides", nargs="*", default=["experiment=shakespeare_baby"], help="microgpt's train.py args")
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args(argv)
+    if not BASELINE.is_file() or not DATA.is_file():
+        print(f"error: {BASELINE} or {DATA} not found; set MICROGPT_SHARED to the shared/ folder", file=sys.stderr)
+        return 2
+    start = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    mach = machine()
+    nano, micro, others = [], [], []
+    for r in range(a.rounds):
+        for impl in ("nanoGPT", "microgpt"):
+            others.append(wait_quiet(a.wait_quiet))
+            run = run_nanogpt(a.threads) if impl == "nanoGPT" else run_microgpt(a.overrides, a.threads)
+            (nano if impl == "nanoGPT" else micro).append(run)
+            print(
+                f"round {r + 1} {impl:8s} wall {run['wall_s']:.1f}s first step {run['first_step_s']:.2f}s "
+                f"{run['tok_s']:.0f} tok/s rss {run['peak_rss_mb']:.0f} MB val {run['val_loss']:.4f}",
+                flush=True,
+            )
+    seeds: dict[int, float] = {}
+    for s in a.seeds:
+        run = micro[0] if s == 1337 and "seed=1337" not in a.overrides and micro else None
+        if run is None:
+            run = run_microgpt([*a.overrides, f"seed={s}"], a.threads)
+        seeds[s] = run["val_loss"]
+        print(f"seed {s}: microgpt val {run['val_loss']:.4f}", flush=True)
+    lines, summary = summarize(nano, micro, seeds)
+    print("\n".join(lines))
+    if a.no_write:
+        return 0
+    doc = {
+        "date": start,
+        "command": " ".join([".venv/bin/python", "bench/vs_nanogpt.py", *(argv or sys.argv[1:])]),
+        "machine": mach,
+        "others_cpu_before_runs": others,
+        "nanogpt": nano,
+        "microgpt": micro,
+        "summary": summary,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "vs_nanogpt.json").write_text(json.dumps(doc, indent=1))
+    md = [
+        "# microgpt vs nanoGPT, side by side on one machine",
+        "",
+        f"`{doc['command']}` — {start}",
+        "",
+        f"CPU: {mach['cpu']} ({mach['nproc']} cores; flags: {mach['cpu_flags']}; torch CPU capability "
+        f"{mach['torch_cpu_capability']}); torch {mach['torch']}, Lightning {mach['lightning']}.",
+        f"Other processes' CPU share before each run: {', '.join(f'{o:.0%}' for o in others if not math.isnan(o))}.",
+        "",
+        *lines,
+        "",
+    ]
+    (RESULTS / "vs_nanogpt.md").write_text("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
