@@ -32,7 +32,7 @@ def test_readme_plugin_works_from_outside_the_repo(tmp_path, small_text):
         f"hydra.searchpath=[file://{tmp_path / 'myconf'}]",
         "+plugin=primer",
         "model=nano",
-        "model.mlp=relu2",
+        "model.mlp=geglu",
         "debug=fast",
         "trainer.max_steps=30",
         "data=text",
@@ -66,4 +66,4 @@ def test_readme_plugin_works_from_outside_the_repo(tmp_path, small_text):
     # with MICROGPT_PLUGIN_PATH set (as the README exports it), load() imports primer by name
     p = run_cli(["-c", probe], env={"MICROGPT_PLUGIN_PATH": str(tmp_path / "myplugins")}, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"mlp": "ReLU2MLP", "scale": "Scale", "same": True}
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"mlp": "GeGLU", "scale": "Scale", "same": True}

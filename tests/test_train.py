@@ -464,9 +464,10 @@ def test_default_train_py_on_embedded_data_prints_size_and_sample(tmp_path):
     m = re.search(r"^model: ([\d,]+) parameters .*vocab (\d+), tokenizer char", p.stdout, re.M)
     assert m, p.stdout[-2000:]
     n_params, vocab = int(m[1].replace(",", "")), int(m[2])
-    # micro: 4 layers of width 128, tied head, no biases; per layer 4C^2 (attention) + 8C^2 (MLP) + 2 norms
-    C, n_layer = 128, 4
-    assert n_params == vocab * C + n_layer * (12 * C * C + 2 * C) + C
+    # micro: 4 layers of width 128, tied head, no biases; per layer 4C^2 (attention) + 8C^2 (MLP) + 2 norms;
+    # every parameter counted once, the 64 x C learned position table included
+    C, n_layer, block = 128, 4, 64
+    assert n_params == vocab * C + block * C + n_layer * (12 * C * C + 2 * C) + C
     s = re.search(r"^--- sample ---\n(.*)\n--------------$", p.stdout, re.M | re.S)
     assert s, p.stdout[-2000:]
     assert s[1].strip() and len(s[1]) == 200  # sample.max_new_tokens char tokens, empty prompt

@@ -492,12 +492,12 @@ def test_report_png_labels_do_not_overlap():
 
 # ---- plugins in one step -----------------------------------------------------------------------------------
 
-RELU2 = """
+RELU3 = """
 import torch
 from torch import nn
 from microgpt.registry import MLP
 
-@MLP.register("relu2")
+@MLP.register("relu3")
 class ReLU2(nn.Module):
     def __init__(self, cfg, **options):
         super().__init__()
@@ -505,12 +505,12 @@ class ReLU2(nn.Module):
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x):
-        return self.proj(torch.relu(self.fc(x)) ** 2)
+        return self.proj(torch.relu(self.fc(x)) ** 3)
 """
-RELU2_YAML = """# @package _global_
+RELU3_YAML = """# @package _global_
 plugins:
-  relu2:
-    note: a squared-ReLU MLP; select it with model.mlp=relu2
+  relu3:
+    note: a cubed-ReLU MLP; select it with model.mlp=relu3
 """
 SMOOTH = """
 import lightning as L
@@ -539,25 +539,25 @@ callbacks:
 @pytest.fixture
 def user_plugins(tmp_path, monkeypatch):
     d = tmp_path / "myplugins"
-    for name, code, conf in (("relu2", RELU2, RELU2_YAML), ("labelsmooth", SMOOTH, SMOOTH_YAML)):
+    for name, code, conf in (("relu3", RELU3, RELU3_YAML), ("labelsmooth", SMOOTH, SMOOTH_YAML)):
         (d / name).mkdir(parents=True)
         (d / name / "__init__.py").write_text(textwrap.dedent(code))
         (d / name / "plugin.yaml").write_text(conf)
     monkeypatch.setenv("MICROGPT_PLUGIN_PATH", str(d))
     yield d
-    for name in ("relu2", "labelsmooth"):
+    for name in ("relu3", "labelsmooth"):
         sys.modules.pop(f"microgpt_plugins.{name}", None)
     from microgpt.registry import MLP
 
-    MLP._entries.pop("relu2", None)
+    MLP._entries.pop("relu3", None)
 
 
 def test_a_plugin_yaml_in_its_folder_is_found_through_the_plugin_path_alone(user_plugins):
-    cfg = compose(["+plugin=[relu2,labelsmooth]", "model.mlp=relu2"], output_dir="/tmp/unused")
-    assert cfg.plugins.relu2.note.startswith("a squared-ReLU MLP")
+    cfg = compose(["+plugin=[relu3,labelsmooth]", "model.mlp=relu3"], output_dir="/tmp/unused")
+    assert cfg.plugins.relu3.note.startswith("a cubed-ReLU MLP")
     assert cfg.callbacks.labelsmooth._target_ == "microgpt_plugins.labelsmooth.LabelSmooth"
     r = run_cli(["train.py", "--help"], env={"MICROGPT_PLUGIN_PATH": str(user_plugins)}, timeout=120)
-    assert re.search(r"^plugin: .*\blabelsmooth\b.*\brelu2\b", r.stdout, re.M), r.stdout[:2000]
+    assert re.search(r"^plugin: .*\blabelsmooth\b.*\brelu3\b", r.stdout, re.M), r.stdout[:2000]
 
 
 def test_an_unknown_component_names_the_plugin_that_registers_it(user_plugins):
@@ -565,8 +565,8 @@ def test_an_unknown_component_names_the_plugin_that_registers_it(user_plugins):
     from microgpt.registry import MLP
 
     with pytest.raises(ConfigError) as e:
-        MLP.get("relu2")
-    assert "unknown mlp 'relu2'" in str(e.value) and "+plugin=relu2" in str(e.value)
+        MLP.get("relu3")
+    assert "unknown mlp 'relu3'" in str(e.value) and "+plugin=relu3" in str(e.value)
     with pytest.raises(ConfigError) as e:
         MLP.get("nothing_registers_this")
     assert "needs +plugin=NAME" in str(e.value)
@@ -579,7 +579,7 @@ def test_a_checkpoint_records_only_the_plugins_its_model_needs(user_plugins, tmp
 
     out = tmp_path / "run"
     cfg = compose(
-        ["+plugin=[relu2,labelsmooth]", "model=nano", "model.mlp=relu2", "trainer.max_steps=2",
+        ["+plugin=[relu3,labelsmooth]", "model=nano", "model.mlp=relu3", "trainer.max_steps=2",
          "trainer.val_check_interval=2", "data.source_options.max_bytes=200000", "print_sample=false",
          "callbacks.progress_bar=null", "logger=none", "callbacks.lr_monitor=null"],
         output_dir=out,
@@ -587,7 +587,7 @@ def test_a_checkpoint_records_only_the_plugins_its_model_needs(user_plugins, tmp
     result = run(cfg)
     assert result["module"].objective.__name__ == "smoothed"  # the objective plugin did train
     ck = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert set(ck["hyper_parameters"]["plugins"]) == {"relu2"}
+    assert set(ck["hyper_parameters"]["plugins"]) == {"relu3"}
     # the training-only plugin gone: the checkpoint still loads (with the component plugin on the path)
     shutil.rmtree(user_plugins / "labelsmooth")
     sys.modules.pop("microgpt_plugins.labelsmooth", None)
