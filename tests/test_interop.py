@@ -658,12 +658,21 @@ def test_exports_are_all_or_nothing(gpt2, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_export_cli_prints_sizes_and_fails_in_one_line(gpt2, tmp_path):
+def test_export_cli_prints_sizes_and_fails_in_one_line(gpt2, corpus, tmp_path):
     out = tmp_path / "int8"
-    r = run_cli(["-m", "microgpt.export", f"ckpt={gpt2.dir}", "format=int8", f"out={out}"], timeout=240)
+    text = tmp_path / "held_out.txt"
+    text.write_text(corpus[-3000:], encoding="utf-8")
+    r = run_cli(
+        ["-m", "microgpt.export", f"ckpt={gpt2.dir}", "format=int8", f"out={out}", f"text={text}", "batch_size=4"],
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["files"] == {p.name: p.stat().st_size for p in out.iterdir()}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert summary["manifest"] == manifest and manifest["text"] == str(text)
+    loss, n = text_loss(microgpt.load(out)[0], microgpt.load(out)[1], text)
+    assert manifest["val_tokens"] == n and manifest["val_loss"] == pytest.approx(loss, rel=1e-5)
     assert summary["bytes"] < 0.4 * summary["fp32_weights_bytes"]
     r = run_cli(
         ["-m", "microgpt.export", f"ckpt={out}", "format=hf", f"out={tmp_path / 'bad'}", "dtype=int4"], timeout=240
