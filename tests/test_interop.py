@@ -30,6 +30,7 @@ from microgpt.config import GPTConfig
 from microgpt.data.tokenizers import BPETokenizer, CharTokenizer, HFTokenizer
 from microgpt.errors import CheckpointError, ConfigError
 from microgpt.export import export, quantize_per_channel
+from microgpt.io.checkpoint import read_checkpoint
 from microgpt.model import GPT
 from tests.conftest import compose, run_cli
 
@@ -1010,6 +1011,9 @@ def test_a_qat_checkpoint_exports_the_scheme_it_was_trained_for_through_its_plug
     assert manifest["scheme"] == f"qat {scheme}" and manifest["artifact"] == "quantized.pt"
     assert manifest["converters"] == ["qat"] and manifest["baked"] == []
     assert abs(manifest["val_loss"] - manifest["source_val_loss"]) < 1e-4
+    # training and conversion need float weights: the quantized export is refused there, saying what reads it
+    with pytest.raises(CheckpointError, match="is an exported quantized model: `microgpt.load` .* exported from"):
+        read_checkpoint(out)
     # the file itself loads too
     assert type(microgpt.load(out / "quantized.pt")[0].blocks[1].attn.qkv.weight) is type(w)
     # what cannot represent this model is refused naming the component, before anything is written
@@ -1029,3 +1033,36 @@ def test_int4_of_a_model_not_trained_for_it_is_refused(trained_char, tmp_path):
     with pytest.raises(CheckpointError, match="format=int4 .* this model has none: use format=int8"):
         export(ck, "int4", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_lora_adapted_qat_model_exports_merged_then_quantized(trained_char, tmp_path):
+    """QLoRA-style (lora over a fake-quantized base): export merges the adapters (lora's bake) and writes qat's
+    artifact of the merged weights, as the model a QAT run on W + s B A would give."""
+    from microgpt.model import build_model
+
+    tok, src = trained_char.tok, trained_char.model
+    lora_spec = {"name": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0}
+    qat_spec = {"name": "qat", "scheme": "8da4w", "group_size": 32}
+    lora_model(trained_char)  # registers the lora converter
+    qat_model(trained_char, "8da4w")  # and qat's
+    adapted = build_model(GPTConfig.from_dict({**src.config.to_dict(), "converters": [lora_spec, qat_spec]}))
+    adapted.load_state_dict(src.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(1)
+    merged_sd = dict(src.state_dict())
+    with torch.no_grad():
+        for name, m in adapted.named_modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+                merged_sd[f"{name}.weight"] = m.base.weight + (m.lora_B @ m.lora_A) * (8.0 / 4)
+    ck = save_plugin_ckpt(adapted.eval(), tok, tmp_path / "qlora.ckpt", ["lora", "qat"])
+    export(ck, "int4", tmp_path / "int4")
+    manifest = json.loads((tmp_path / "int4" / "manifest.json").read_text())
+    assert manifest["baked"] == ["lora"] and manifest["converters"] == ["qat"] and manifest["scheme"] == "qat 8da4w"
+    ref = build_model(GPTConfig.from_dict({**src.config.to_dict(), "converters": [qat_spec]}))
+    ref.load_state_dict(merged_sd, strict=True)
+    model, _ = microgpt.load(tmp_path / "int4")
+    x = ids(vocab=tok.vocab_size, seed=7)
+    with torch.no_grad():
+        r = ref.eval()(x)
+        assert (r - qat_model(trained_char, "8da4w")(x)).abs().max() > 3 * QAT_LOGIT_TOL["8da4w"]  # adapters matter
+        assert (model(x) - r).abs().max().item() <= QAT_LOGIT_TOL["8da4w"]

@@ -102,6 +102,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                 return cand
         if any(probe(p) for _, probe, _ in FORMATS if _ != "ckpt"):
             return p
+        if quantized_artifact(p) is not None:
+            raise CheckpointError(
+                f"{p} is an exported quantized model: `microgpt.load` and `python -m microgpt.report` read it, "
+                "training and conversion need float weights; pass the checkpoint it was exported from "
+                f"(its {EXPORT_MANIFEST} records it as source)"
+            )
         raise CheckpointError(
             f"no checkpoint in directory {p} (looked for checkpoints/last.ckpt, an exported {EXPORT_META} "
             "and an HF config.json); pass a .ckpt file, a run directory or a model directory"
