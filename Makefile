@@ -54,7 +54,7 @@ bench: $(STAMP) ## microgpt vs nanoGPT's own code, side by side (needs the devel
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-slurm-up: ## start a local single-node SLURM cluster (as root; apt-installs it once); clients: eval "$(bash scripts/local_slurm.sh env)"
+slurm-up: ## start a local SLURM cluster (as root; apt-installs it once; MICROGPT_SLURM_NODES=2: two nodes); clients: eval "$(bash scripts/local_slurm.sh env)"
 	bash scripts/local_slurm.sh up
 
 slurm-down: ## stop the local SLURM cluster started by slurm-up (its daemons, by PID)

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_nanogpt import BASELINE, DATA, RESULTS, machine, run_microgpt, run_nanogpt, wait_quiet  # noqa: E402
+from vs_nanogpt import BASELINE, DATA, RESULTS, machine, machine_lines, run_microgpt, run_nanogpt, wait_quiet  # noqa: E402
 
 RECIPE = ["experiment=shakespeare_speedrun"]
 
@@ -134,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`{cmd}` — {start}; recipe: `python train.py {' '.join(rounds[0]['microgpt']['command'].split()[2:])}`",
         "",
-        f"CPU: {mach['cpu']} ({mach['nproc']} cores; flags: {mach['cpu_flags']}); torch {mach['torch']}.",
-        "Other processes' CPU share before each run: "
-        + ", ".join(f"{o:.0%}" for r in rounds for o in r["others_cpu"] if not math.isnan(o))
-        + ".",
+        *machine_lines(mach, [o for r in rounds for o in r["others_cpu"]]),
         "",
         *lines,
         "",

@@ -175,6 +175,16 @@ def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
     return LoadMeter().wait_quiet(max_wait, threshold)
 
 
+def machine_lines(mach: dict, others: list[float]) -> list[str]:
+    """The CPU a result was measured on, and how busy other processes kept it (for the .md files)."""
+    busy = ", ".join(f"{o:.0%}" for o in others if not math.isnan(o))
+    return [
+        f"CPU: {mach['cpu']} ({mach['nproc']} cores; flags: {mach['cpu_flags']}; torch CPU capability "
+        f"{mach['torch_cpu_capability']}); torch {mach['torch']}, Lightning {mach['lightning']}.",
+        f"Other processes' CPU share before each run: {busy}.",
+    ]
+
+
 def _med(runs: list[dict], key: str) -> float:
     vals = [r[key] for r in runs if not math.isnan(r[key])]
     return statistics.median(vals) if vals else math.nan
@@ -268,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`{doc['command']}` — {start}",
         "",
-        f"CPU: {mach['cpu']} ({mach['nproc']} cores; flags: {mach['cpu_flags']}; torch CPU capability "
-        f"{mach['torch_cpu_capability']}); torch {mach['torch']}, Lightning {mach['lightning']}.",
-        f"Other processes' CPU share before each run: {', '.join(f'{o:.0%}' for o in others if not math.isnan(o))}.",
+        *machine_lines(mach, others),
         "",
         *lines,
         "",

@@ -1,28 +1,40 @@
 #!/usr/bin/env bash
-# scripts/local_slurm.sh - a real single-node SLURM cluster on loopback, for CI and for trying the
-# SLURM launcher on one machine (Debian 12 packages; no systemd needed). Run as root.
+# scripts/local_slurm.sh - a real SLURM cluster on loopback, for CI and for trying the SLURM launcher on
+# one machine (Debian 12 packages; no systemd needed). Run as root. One node by default (named after this
+# host); MICROGPT_SLURM_NODES=2 starts two nodes n1 and n2 (one slurmd -N per node, each with its own port,
+# spool dir, log and PID file), so multi-node jobs (sbatch -N2, trainer.num_nodes=2) really are scheduled
+# across two SLURM nodes. Their names resolve through an /etc/hosts line that `up` adds and `down` removes.
 #
-#   bash scripts/local_slurm.sh up       install (apt, once) + start; waits until the node is idle
+#   bash scripts/local_slurm.sh up       install (apt, once) + start; waits until every node is idle
 #   bash scripts/local_slurm.sh down     cancel all jobs, stop the daemons this script started (by PID)
 #   eval "$(bash scripts/local_slurm.sh env)"   export SLURM_CONF for sbatch/squeue/sacct/submitit
 #   other commands: install | start | stop (= down) | status | wait | smoke | clean (down + delete state)
 #
 # Daemons: munged, MariaDB + slurmdbd (accounting, so `sacct` works and submitit sees jobs that were
-# cancelled or killed), slurmctld, slurmd. Everything lives under $MICROGPT_SLURM_DIR; every wait has a
-# timeout. `up` is idempotent: daemons that are already running (their PID file is alive) are reused.
+# cancelled or killed), slurmctld, one slurmd per node. Everything lives under $MICROGPT_SLURM_DIR; every
+# wait has a timeout. `up` is idempotent: daemons that are already running (their PID file is alive) are
+# reused; to change the node count of a running cluster, `down` first.
+#
+# Every node is the whole machine: each declares all its CPUs (so a 1-node job with 2 tasks still fits) and
+# an equal share of its memory. With 2 nodes, SLURM may therefore run twice as many 1-CPU jobs as there
+# are cores: fine for tests of correctness, not for timing.
 #
 # Knobs (environment):
 #   MICROGPT_SLURM_DIR=/tmp/microgpt-slurm   config, state, logs, PID files
+#   MICROGPT_SLURM_NODES=1                   number of nodes; >1: nodes ${PREFIX}1..N, slurmd ports from 6818 up
+#   MICROGPT_SLURM_NODE_PREFIX=n             node names for NODES>1 (n1, n2, ...)
 #   MICROGPT_SLURM_PARTITION=debug           the (default) partition's name
 #   MICROGPT_SLURM_ACCOUNTING=1              0: no slurmdbd/MariaDB (faster start; sacct will not work)
 #   MICROGPT_SLURM_TIMEOUT=60                seconds to wait for each daemon / for the node to be idle
-#   MICROGPT_SLURM_PORTS="6817 6818 6819 3306"   slurmctld, slurmd, slurmdbd, MariaDB ports (loopback)
+#   MICROGPT_SLURM_PORTS="6817 6818 6819 3306"   slurmctld, slurmd (the first), slurmdbd, MariaDB ports
 set -euo pipefail
 
 DIR=${MICROGPT_SLURM_DIR:-/tmp/microgpt-slurm}
 PARTITION=${MICROGPT_SLURM_PARTITION:-debug}
 ACCOUNTING=${MICROGPT_SLURM_ACCOUNTING:-1}
 TIMEOUT=${MICROGPT_SLURM_TIMEOUT:-60}
+NODES=${MICROGPT_SLURM_NODES:-1}
+PREFIX=${MICROGPT_SLURM_NODE_PREFIX:-n}
 read -r CTLD_PORT SLURMD_PORT DBD_PORT DB_PORT <<<"${MICROGPT_SLURM_PORTS:-6817 6818 6819 3306}"
 DB_PASS=microgpt-ci
 
@@ -30,7 +42,8 @@ ETC=$DIR/etc
 RUN=$DIR/run
 LOG=$DIR/log
 export SLURM_CONF=$ETC/slurm.conf
-NODE=$(hostname -s)
+HOST=$(hostname -s)
+HOSTS_TAG="# microgpt local_slurm $DIR" # marks the /etc/hosts line this script added (and `down` removes)
 DB_RUN=$RUN/mysqld # MariaDB runs as mysql: its socket and PID file get their own folder
 DB_SOCK=$DB_RUN/mysqld.sock
 
@@ -39,6 +52,16 @@ fail() {
   say "ERROR: $*"
   exit 1
 }
+[[ "$NODES" =~ ^[1-9][0-9]*$ ]] || fail "MICROGPT_SLURM_NODES must be a whole number >= 1, got '$NODES'"
+[[ "$PREFIX" =~ ^[a-z][a-z0-9-]*$ ]] || fail "MICROGPT_SLURM_NODE_PREFIX must be a lowercase name, got '$PREFIX'"
+# the node names: this host's own name for one node (as before), ${PREFIX}1..N for several
+if [ "$NODES" = 1 ]; then
+  NODE_NAMES=("$HOST")
+else
+  NODE_NAMES=()
+  for ((i = 1; i <= NODES; i++)); do NODE_NAMES+=("$PREFIX$i"); done
+fi
+
 need_root() { [ "$(id -u)" = 0 ] || fail "run as root (it installs packages and starts system daemons)"; }
 # a PID file whose process is alive
 running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -103,19 +126,36 @@ cmd_install() {
 }
 
 write_config() {
-  mkdir -p "$ETC" "$RUN" "$LOG" "$DIR/state/ctld" "$DIR/state/slurmd" "$DIR/jobs"
+  mkdir -p "$ETC" "$RUN" "$LOG" "$DIR/state/ctld" "$DIR/jobs"
+  local n
+  for n in "${NODE_NAMES[@]}"; do mkdir -p "$DIR/state/slurmd-$n"; done
   chown slurm:slurm "$RUN" "$LOG" "$DIR/state/ctld"
   chmod 0755 "$DIR" "$ETC" "$RUN" "$LOG" "$DIR/jobs"
   chmod 1777 "$DIR/jobs"
 
   # the node's CPUs and memory as slurmd sees them; memory at 85% so the node is never refused for having
   # less than configured. CPUs only (no socket/core/thread layout) + CR_CPU_Memory: every hardware thread
-  # is a schedulable CPU, so two 1-CPU jobs run side by side on a 2-thread machine.
+  # is a schedulable CPU, so two 1-CPU jobs run side by side on a 2-thread machine. Several nodes: each
+  # has all the CPUs (slurmd -N reports the host's) and 1/NODES of the memory.
   local hw cpus mem
   hw=$(/usr/sbin/slurmd -C | head -1)
   cpus=$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$hw")
   mem=$(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")
   [ -n "$cpus" ] && [ -n "$mem" ] || fail "cannot read the node's hardware from 'slurmd -C': $hw"
+  mem=$((mem * 85 / 100 / NODES))
+
+  # one NodeName line per node: all on 127.0.0.1; several nodes each get their own slurmd port (skipping
+  # the other daemons' ports)
+  local nodelines="" port=$SLURMD_PORT
+  if [ "$NODES" = 1 ]; then
+    nodelines="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+  else
+    for n in "${NODE_NAMES[@]}"; do
+      while [ "$port" = "$CTLD_PORT" ] || [ "$port" = "$DBD_PORT" ] || [ "$port" = "$DB_PORT" ]; do port=$((port + 1)); done
+      nodelines+="NodeName=$n NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$port CPUs=$cpus RealMemory=$mem State=UNKNOWN"$'\n'
+      port=$((port + 1))
+    done
+  fi
 
   local accounting="AccountingStorageType=accounting_storage/none" gather=jobacct_gather/none
   if [ "$ACCOUNTING" = 1 ]; then
@@ -126,9 +166,9 @@ AccountingStoragePort=$DBD_PORT"
   fi
 
   cat >"$SLURM_CONF" <<EOF
-# written by scripts/local_slurm.sh: one node on loopback
+# written by scripts/local_slurm.sh: $NODES node(s) on loopback: ${NODE_NAMES[*]}
 ClusterName=microgpt
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=slurm
@@ -137,11 +177,11 @@ AuthType=auth/munge
 CredType=cred/munge
 MailProg=/bin/true
 StateSaveLocation=$DIR/state/ctld
-SlurmdSpoolDir=$DIR/state/slurmd
+SlurmdSpoolDir=$DIR/state/slurmd-%n
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MpiDefault=none
@@ -162,7 +202,7 @@ MinJobAge=600
 SlurmctldTimeout=30
 SlurmdTimeout=60
 Waittime=0
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$((mem * 85 / 100)) State=UNKNOWN
+$nodelines
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 
@@ -259,32 +299,80 @@ start_slurmdbd() {
 }
 
 node_ready() {
-  local st
-  st=$(timeout 10 sinfo -h -N -n "$NODE" -o '%t' 2>/dev/null || true)
+  local n=$1 st
+  st=$(timeout 10 sinfo -h -N -n "$n" -o '%t' 2>/dev/null || true)
   case "$st" in
     idle* | mix* | alloc*) return 0 ;;
     down* | drain* | fail* | inval*)
       # e.g. left DOWN in the saved state by an unclean stop
-      timeout 10 scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
+      timeout 10 scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true
       ;;
   esac
   return 1
 }
 
 cmd_wait() {
-  wait_for "node $NODE to be idle" node_ready || {
-    timeout 10 scontrol show node "$NODE" >&2 || true
-    tail -20 "$LOG/slurmctld.log" "$LOG/slurmd.log" >&2 || true
-    return 1
-  }
-  say "node $NODE: $(timeout 10 sinfo -h -N -n "$NODE" -o '%t %c CPUs %m MB')"
+  local n
+  for n in "${NODE_NAMES[@]}"; do
+    wait_for "node $n to be idle" node_ready "$n" || {
+      timeout 10 scontrol show node "$n" >&2 || true
+      tail -20 "$LOG/slurmctld.log" "$LOG/slurmd-$n.log" >&2 || true
+      return 1
+    }
+    say "node $n: $(timeout 10 sinfo -h -N -n "$n" -o '%t %c CPUs %m MB')"
+  done
+}
+
+# ---- name resolution for the node names (several nodes) ------------------------------------------------
+# Jobs find each other by node name: Lightning's SLURMEnvironment sets MASTER_ADDR to the first node of
+# SLURM_NODELIST (n1), which must resolve on every node. One tagged line in /etc/hosts; `down` removes it.
+# /etc/hosts is rewritten in place (it is often a bind mount that cannot be replaced by a rename).
+
+hosts_without_ours() { grep -vF "$HOSTS_TAG" /etc/hosts || true; }
+
+add_hosts() {
+  [ "$NODES" = 1 ] && return 0
+  local n addr others
+  others=$(hosts_without_ours)
+  for n in "${NODE_NAMES[@]}"; do
+    # a name that already means something else here (a real host, another cluster's line) is not ours to take
+    addr=$(awk -v n="$n" '$1 !~ /^#/ { for (i = 2; i <= NF; i++) if ($i == n) { print $1; exit } }' <<<"$others")
+    [ -z "$addr" ] || [ "$addr" = 127.0.0.1 ] \
+      || fail "node name $n already resolves to $addr in /etc/hosts; pick other names with MICROGPT_SLURM_NODE_PREFIX"
+  done
+  printf '%s\n127.0.0.1 %s %s\n' "$others" "${NODE_NAMES[*]}" "$HOSTS_TAG" >/etc/hosts
+  for n in "${NODE_NAMES[@]}"; do
+    getent hosts "$n" >/dev/null || fail "node name $n does not resolve after adding it to /etc/hosts"
+  done
+  say "/etc/hosts: 127.0.0.1 ${NODE_NAMES[*]}"
+}
+
+remove_hosts() {
+  grep -qF "$HOSTS_TAG" /etc/hosts 2>/dev/null || return 0
+  local others
+  others=$(hosts_without_ours)
+  printf '%s\n' "$others" >/etc/hosts
+  say "/etc/hosts: removed the node names this script added"
+}
+
+# the node names of the cluster that is up ($RUN/nodes, written by start), for wait/smoke/status
+use_running_nodes() {
+  if [ -s "$RUN/nodes" ]; then
+    read -r -a NODE_NAMES <"$RUN/nodes"
+    NODES=${#NODE_NAMES[@]}
+  fi
 }
 
 cmd_start() {
   need_root
   command -v slurmctld >/dev/null || fail "SLURM is not installed: run '$0 install' (or '$0 up')"
-  local t0=$SECONDS
+  local t0=$SECONDS n pidf
+  if [ -s "$RUN/nodes" ] && [ "$(cat "$RUN/nodes")" != "${NODE_NAMES[*]}" ] && running "$RUN/slurmctld.pid"; then
+    fail "the cluster is up with nodes '$(cat "$RUN/nodes")', not '${NODE_NAMES[*]}'; run '$0 down' first"
+  fi
   write_config
+  add_hosts
+  echo "${NODE_NAMES[*]}" >"$RUN/nodes"
   start_munge
   if [ "$ACCOUNTING" = 1 ]; then
     start_mariadb
@@ -299,14 +387,20 @@ cmd_start() {
     fail "slurmctld did not start"
   }
   say "slurmctld up (pid $(cat "$RUN/slurmctld.pid"))"
-  running "$RUN/slurmd.pid" || /usr/sbin/slurmd
-  wait_for slurmd running "$RUN/slurmd.pid" || {
-    tail -30 "$LOG/slurmd.log" >&2 || true
-    fail "slurmd did not start"
-  }
-  say "slurmd up (pid $(cat "$RUN/slurmd.pid"))"
+  for n in "${NODE_NAMES[@]}"; do
+    pidf=$RUN/slurmd-$n.pid
+    # one node: slurmd finds itself by this host's name; several: -N names the node this daemon serves
+    if ! running "$pidf"; then
+      if [ "$NODES" = 1 ]; then /usr/sbin/slurmd; else /usr/sbin/slurmd -N "$n"; fi
+    fi
+    wait_for "slurmd $n" running "$pidf" || {
+      tail -30 "$LOG/slurmd-$n.log" >&2 || true
+      fail "slurmd for node $n did not start"
+    }
+    say "slurmd $n up (pid $(cat "$pidf"))"
+  done
   cmd_wait
-  say "cluster up in $((SECONDS - t0))s; clients need: export SLURM_CONF=$SLURM_CONF"
+  say "cluster up in $((SECONDS - t0))s with $NODES node(s); clients need: export SLURM_CONF=$SLURM_CONF"
 }
 
 cmd_stop() {
@@ -321,7 +415,14 @@ cmd_stop() {
       wait_for "jobs to end" test -z "$(timeout 5 squeue -h -o %A 2>/dev/null)" || true
     fi
   fi
-  stop_pid slurmd "$RUN/slurmd.pid"
+  local f
+  # every node's slurmd this script started, whatever MICROGPT_SLURM_NODES says now (slurmd.pid: older layout)
+  for f in "$RUN"/slurmd-*.pid "$RUN/slurmd.pid"; do
+    [ -e "$f" ] || continue
+    f=${f##*/}
+    f=${f%.pid}
+    stop_pid "$f" "$RUN/$f.pid"
+  done
   stop_pid slurmctld "$RUN/slurmctld.pid"
   stop_pid slurmdbd "$RUN/slurmdbd.pid"
   stop_pid mariadbd "$DB_RUN/mysqld.pid"
@@ -329,30 +430,39 @@ cmd_stop() {
     stop_pid munged "$RUN/munged.pid"
     rm -f /run/munge/munged.pid
   fi
+  remove_hosts
+  rm -f "$RUN/nodes"
   say "stopped"
 }
 
 cmd_status() {
-  local f
-  for f in munged mysqld/mysqld slurmdbd slurmctld slurmd; do
+  local f n
+  for f in munged mysqld/mysqld slurmdbd slurmctld; do
     if running "$RUN/$f.pid"; then echo "${f#*/}: running (pid $(cat "$RUN/$f.pid"))"; else echo "${f#*/}: not running"; fi
+  done
+  for n in "${NODE_NAMES[@]}"; do
+    f=$RUN/slurmd-$n.pid
+    if running "$f"; then echo "slurmd $n: running (pid $(cat "$f"))"; else echo "slurmd $n: not running"; fi
   done
   timeout 10 sinfo 2>&1 || true
 }
 
 cmd_smoke() {
-  local out jid
-  out=$(timeout 60 srun -t 1 -N1 -n1 hostname) || fail "srun failed"
-  [ "$out" = "$NODE" ] || fail "srun printed '$out', expected '$NODE'"
-  jid=$(timeout 30 sbatch --parsable -t 1 -o "$DIR/jobs/smoke-%j.out" --wrap 'srun echo step-ok') || fail "sbatch failed"
+  local out jid want
+  # one task per node; each prints the node it ran on
+  # shellcheck disable=SC2016
+  out=$(timeout 60 srun -t 1 -N"$NODES" -n"$NODES" bash -c 'echo $SLURMD_NODENAME' | sort | tr '\n' ' ') || fail "srun failed"
+  want=$(printf '%s\n' "${NODE_NAMES[@]}" | sort | tr '\n' ' ')
+  [ "$out" = "$want" ] || fail "srun -N$NODES ran on '$out', expected '$want'"
+  jid=$(timeout 30 sbatch --parsable -t 1 -N"$NODES" -o "$DIR/jobs/smoke-%j.out" --wrap 'srun echo step-ok') || fail "sbatch failed"
   job_done() { timeout 5 scontrol show job "$jid" | grep -q 'JobState=COMPLETED'; }
   wait_for "job $jid" job_done || fail "smoke job $jid did not complete: $(timeout 5 scontrol show job "$jid" | grep -o 'JobState=[A-Z_]*')"
-  grep -q step-ok "$DIR/jobs/smoke-$jid.out" || fail "smoke job output: $(cat "$DIR/jobs/smoke-$jid.out")"
+  [ "$(grep -c step-ok "$DIR/jobs/smoke-$jid.out")" = "$NODES" ] || fail "smoke job output: $(cat "$DIR/jobs/smoke-$jid.out")"
   if [ "$ACCOUNTING" = 1 ]; then
     sacct_done() { timeout 5 sacct -n -X -j "$jid" -o State | grep -q COMPLETED; }
     wait_for "sacct to know job $jid" sacct_done || fail "sacct does not know job $jid"
   fi
-  say "smoke test ok (srun + sbatch job $jid)"
+  say "smoke test ok (srun on ${NODE_NAMES[*]} + sbatch -N$NODES job $jid)"
 }
 
 case "${1:-}" in
@@ -363,16 +473,25 @@ case "${1:-}" in
     cmd_start
     ;;
   down | stop) cmd_stop ;;
-  wait) cmd_wait ;;
-  status) cmd_status ;;
-  smoke) cmd_smoke ;;
+  wait)
+    use_running_nodes
+    cmd_wait
+    ;;
+  status)
+    use_running_nodes
+    cmd_status
+    ;;
+  smoke)
+    use_running_nodes
+    cmd_smoke
+    ;;
   env) echo "export SLURM_CONF=$SLURM_CONF" ;;
   clean)
     cmd_stop
     rm -rf "${DIR:?}/state" "$DIR/log" "$DIR/run" "$DIR/mysql" "$DIR/jobs"
     ;;
   *)
-    sed -n '2,9p' "$0" >&2
+    sed -n '2,11p' "$0" >&2
     exit 2
     ;;
 esac

@@ -280,8 +280,8 @@ def test_two_job_sweep_completes_with_checkpoints_and_metrics(sweeps, cluster):
     rc, out, err = s.wait()
     assert rc == 0, err[-3000:]
     d = s.dir
-    # one job dir per combination, nothing else beside the submitit folder and Hydra's record
-    assert sorted(p.name for p in d.iterdir()) == [".submitit", "0", "1", "multirun.yaml"]
+    # one job dir per combination, nothing else beside the submitit folder, the jobs' result files and Hydra's record
+    assert sorted(p.name for p in d.iterdir()) == [".results", ".submitit", "0", "1", "multirun.yaml"]
     ids = s.job_ids()
     assert len(ids) == 2 and ids[0].split("_")[0] == ids[1].split("_")[0]  # one job array, two tasks
     expected = sorted(f"{i}|COMPLETED" for i in ids)
@@ -352,7 +352,7 @@ def test_ddp_inside_a_slurm_multirun_uses_one_output_dir(sweeps, cluster):
     assert rc == 0, err[-3000:]
     assert len([p for p in s.base.iterdir() if p.is_dir()]) == 1  # rank 1 started no sweep of its own
     d = s.dir
-    assert sorted(p.name for p in d.iterdir()) == [".submitit", "0", "multirun.yaml"]
+    assert sorted(p.name for p in d.iterdir()) == [".results", ".submitit", "0", "multirun.yaml"]
     (job,) = s.job_ids()
     logs = sorted((d / ".submitit" / job).glob("*_log.err"))
     assert len(logs) == 2  # srun started one task per device (tasks_per_node = trainer.devices = 2)

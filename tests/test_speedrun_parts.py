@@ -198,12 +198,10 @@ def test_muon_step_by_hand_and_state_dict_resume():
 @pytest.mark.slow
 def test_speedrun_experiment_trains_with_every_default_on(tmp_path):
     """experiment=shakespeare_speedrun as a user runs it (callbacks, logger, print_sample all on), shortened:
-    Muon + relu2 + QK-norm + linear decay lower the val loss, and the checkpoint reloads with those parts."""
+    the high peak lr with its linear decay lowers the val loss, and the lr really follows that schedule."""
     import csv
 
     from conftest import SHAKESPEARE, run_cli
-
-    import microgpt
 
     run = tmp_path / "run"
     p = run_cli(
@@ -222,8 +220,9 @@ def test_speedrun_experiment_trains_with_every_default_on(tmp_path):
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     vals = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
     assert len(vals) >= 2 and vals[-1] < vals[0] < math.log(63), vals  # 63 = the fixture's char vocab
-    model, _ = microgpt.load(run / "checkpoints" / "last.ckpt")
-    assert model.config.mlp == "relu2" and model.config.qk_norm
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    groups = ckpt["optimizer_states"][0]["param_groups"]
-    assert any(g["use_muon"] for g in groups) and any(not g["use_muon"] for g in groups)
+    lrs = {int(r["step"]): float(v) for r in rows for k, v in r.items() if k.startswith("lr-") and v}
+    after_warmup = {s: lr for s, lr in lrs.items() if 10 <= s < 80}
+    assert len(after_warmup) >= 3, lrs
+    for s, lr in after_warmup.items():  # warmup 10, then a straight line from 6e-3 to 0 at step 80
+        assert lr == pytest.approx(6e-3 * (1 - (s - 10) / 70), rel=1e-4, abs=1e-9), (s, lr)
+    assert "--- sample ---" in p.stdout  # print_sample's default: on

@@ -35,14 +35,8 @@ class GeluTanhMLP(GeluMLP):
 
 
 @MLP.register("relu2")
-class ReluSquaredMLP(nn.Module):
+class ReluSquaredMLP(GeluMLP):
     """relu(x)^2 (Primer, So et al. 2021; used by modded-nanogpt): as cheap as ReLU, trains like GELU or better."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, cfg.hidden_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.hidden_dim, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.relu(self.fc(x)).square()))

@@ -9,6 +9,9 @@ returns Lightning's strategy unchanged when it will run on CUDA, and otherwise t
                `fully_shard` on each transformer block, then on the GPT. The same code path on CPU and GPU.
 - deepspeed -> lightning DeepSpeedStrategy on CUDA; CPUDeepSpeedStrategy (gloo, ZeRO 1-3) on the CPU.
 
+Each of them bounds its rendezvous (microgpt.training.rendezvous): processes that cannot meet fail in one line within
+`init_timeout_s` (trainer.strategy.init_timeout_s, 60 s) instead of hanging for the job's time limit.
+
 Weight sharing survives every strategy because the model shares *modules*, not Parameters: the tied head
 reads `wte.weight` inside GPT.forward and shared layers are the same Block called again, so no strategy
 ever sees two names for one tensor (the ZeRO-3 case, which gathers per module, is handled below).
@@ -25,6 +28,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
 from microgpt.errors import ConfigError
+from microgpt.training.rendezvous import DEFAULT_INIT_TIMEOUT_S, bound_rendezvous
 
 # DeepSpeed JIT-compiles its CPU communication helper on first use (~30 s); keep one cache for all runs
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "microgpt" / "torch_extensions"
@@ -89,23 +93,36 @@ def _check_devices(devices: Any, num_nodes: int, accelerator: str | None) -> int
 # ---- DDP ------------------------------------------------------------------------------------------------
 
 
-def ddp(devices: Any = 1, num_nodes: int = 1, accelerator: str = "auto", **kwargs: Any) -> DDPStrategy:
-    """Lightning's DDPStrategy (gloo on CPU, nccl on CUDA), unchanged; devices are checked first."""
+def ddp(
+    devices: Any = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S,
+    **kwargs: Any,
+) -> DDPStrategy:
+    """Lightning's DDPStrategy (gloo on CPU, nccl on CUDA), rendezvous bounded; devices are checked first."""
     _check_devices(devices, num_nodes, accelerator)
-    return DDPStrategy(**kwargs)
+    return bound_rendezvous(DDPStrategy(**kwargs), init_timeout_s)
 
 
 # ---- FSDP2 ----------------------------------------------------------------------------------------------
 
 
-def fsdp(devices: Any = 1, num_nodes: int = 1, accelerator: str = "auto", **kwargs: Any) -> ModelParallelStrategy:
+def fsdp(
+    devices: Any = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S,
+    **kwargs: Any,
+) -> ModelParallelStrategy:
     """FSDP2 through Lightning's ModelParallelStrategy: every process holds 1/world of each block.
 
     Lightning's FSDPStrategy (FSDP1) refuses the CPU; FSDP2 (`fully_shard`) runs on both, so one code path
     serves laptops and GPU nodes. Pure data parallelism: data_parallel_size = all processes, tensor 1.
     """
     world = _check_devices(devices, num_nodes, accelerator)
-    return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, **kwargs)
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, **kwargs)
+    return bound_rendezvous(strategy, init_timeout_s)
 
 
 def shards_parameters(strategy: Any) -> str | None:
@@ -272,6 +289,7 @@ def deepspeed(
     devices: Any = 1,
     num_nodes: int = 1,
     accelerator: str = "auto",
+    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S,
     **kwargs: Any,
 ) -> DeepSpeedStrategy:
     """DeepSpeed ZeRO `stage` (1-3): Lightning's DeepSpeedStrategy on CUDA, CPUDeepSpeedStrategy on the CPU.
@@ -291,7 +309,7 @@ def deepspeed(
     strategy = cls(stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters, **kwargs)
     if offload_optimizer and isinstance(strategy.config, dict):
         strategy.config["zero_force_ds_cpu_optimizer"] = False
-    return strategy
+    return bound_rendezvous(strategy, init_timeout_s)
 
 
 # ---- resuming -------------------------------------------------------------------------------------------
