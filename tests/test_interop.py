@@ -679,7 +679,7 @@ def test_export_cli_prints_sizes_and_fails_in_one_line(gpt2, corpus, tmp_path):
         ["-m", "microgpt.export", f"ckpt={out}", "format=hf", f"out={tmp_path / 'bad'}", "dtype=int4"], timeout=240
     )
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: dtype='int4' is unknown; choose one of float32, bfloat16, float16"
+        "error: dtype='int4' is unknown; choose one of float32, bfloat16, float16 (format=gguf also: q8_0)"
     ]
 
 
@@ -845,13 +845,16 @@ def check_manifest(out: Path, fmt: str, source: Path, model_loaded, tok, text: P
 #     1.6e-3, bounded by 2e-2;
 #   int8 (per-row symmetric, weights only): each weight within max|w_row|/254: measured 0.078, bounded by
 #     0.15, and the val loss within 0.01 nats (as test_int8_export_quantizes_per_channel_and_keeps_val_loss
-#     argues); a wrong transpose, scale or a lost tensor moves these logits by whole units.
+#     argues); a wrong transpose, scale or a lost tensor moves these logits by whole units;
+#   gguf q8_0 (llama.cpp's blocks of 32 int8 values + a float16 scale, dequantized by microgpt.load):
+#     measured 0.070, bounded by 0.15 like int8.
 EXPORT_TOL = {
     ("safetensors", "float32"): 0.0,
     ("hf", "float32"): 0.0,
     ("gguf", "float32"): 0.0,
     ("gguf", "float16"): 2e-2,
     ("int8", "float32"): 0.15,
+    ("gguf", "q8_0"): 0.15,
 }
 
 
@@ -1066,3 +1069,47 @@ def test_a_lora_adapted_qat_model_exports_merged_then_quantized(trained_char, tm
         r = ref.eval()(x)
         assert (r - qat_model(trained_char, "8da4w")(x)).abs().max() > 3 * QAT_LOGIT_TOL["8da4w"]  # adapters matter
         assert (model(x) - r).abs().max().item() <= QAT_LOGIT_TOL["8da4w"]
+
+
+def test_gguf_q8_0_stores_llama_cpps_blocks_of_32_int8_values_with_a_float16_scale(trained_char, tmp_path):
+    """Read the raw Q8_0 bytes by hand (34 bytes a block: float16 scale d, then 32 int8 q; w ~ d * q)."""
+    import gguf
+    import numpy as np
+
+    src = trained_char.model
+    ck = save_ckpt(src, trained_char.tok, tmp_path / "m.ckpt")
+    q8 = export(ck, "gguf", tmp_path / "q8", dtype="q8_0")
+    f32 = export(ck, "gguf", tmp_path / "f32")
+    r = gguf.GGUFReader(tmp_path / "q8" / "model.gguf")
+    assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    t = {x.name: x for x in r.tensors}
+    assert t["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert t["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # norms, biases: float32
+    for name, key in (("blk.0.ffn_up.weight", "blocks.0.mlp.fc.weight"), ("token_embd.weight", "wte.weight")):
+        w = src.state_dict()[key]
+        raw = np.asarray(t[name].data).reshape(-1, 34)  # (out, in) row-major: blocks run along each row
+        d = torch.from_numpy(raw[:, :2].copy().view(np.float16).astype(np.float32))  # (blocks, 1)
+        q = torch.from_numpy(raw[:, 2:].copy().view(np.int8).astype(np.float32))
+        blocks = w.reshape(-1, 32)
+        assert torch.allclose(d[:, 0], (blocks.abs().amax(1) / 127).half().float())
+        # half a step, plus the float16 rounding of d times |q| <= 127 (relative 2^-11: ~0.07 of a step)
+        assert ((q * d - blocks).abs() <= 0.57 * d + 1e-7).all(), name
+        assert q.abs().max() == 127
+    # ~34 / 32 bytes per matrix weight against 4: about 0.27x the float32 GGUF here
+    assert q8["bytes"] < 0.3 * f32["bytes"], (q8["bytes"], f32["bytes"])
+    assert json.loads((tmp_path / "q8" / "manifest.json").read_text())["scheme"] == "q8_0"
+
+
+def test_gguf_q8_0_keeps_matrices_with_partial_blocks_in_float16(tmp_path):
+    import gguf
+
+    tok = CharTokenizer("".join(chr(65 + i) for i in range(60)))
+    src = small_model(vocab=60, n_embd=48, n_head=4, mlp_hidden=128)  # rows of 48: not whole blocks of 32
+    export(save_ckpt(src, tok, tmp_path / "m.ckpt"), "gguf", tmp_path / "q8", dtype="q8_0")
+    types = {x.name: x.tensor_type.name for x in gguf.GGUFReader(tmp_path / "q8" / "model.gguf").tensors}
+    assert types["blk.0.ffn_up.weight"] == "F16" and types["token_embd.weight"] == "F16"  # in = 48
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # in = 128
+    model, _ = microgpt.load(tmp_path / "q8")
+    x = ids(vocab=60, seed=8)
+    with torch.no_grad():
+        assert (model(x) - src(x)).abs().max().item() <= EXPORT_TOL[("gguf", "q8_0")]

@@ -13,8 +13,8 @@
                  A model trained to be quantized (a plugin's converter with a quantized artifact, e.g. qat's
                  int8 scheme): that plugin's artifact, real quantized weights, loaded as a quantized model
     int4         a model trained for a 4-bit scheme (qat's 8da4w / int4_weight_only): its plugin's artifact
-    gguf         model.gguf for the `gpt2` architecture (llama.cpp's tensor names, metadata and BPE vocab);
-                 `microgpt.load(DIR)` reads it back
+    gguf         model.gguf for the `gpt2` architecture (llama.cpp's tensor names, metadata and BPE vocab),
+                 dtype=float32 | float16 | q8_0; `microgpt.load(DIR)` reads it back
 
 PATH is anything `microgpt.load` accepts (a .ckpt, a run dir, an exported dir, an HF GPT-2 or Llama-family dir,
 a LoRA adapter: its base is the recorded one or `base=`). Plugin converters are first folded into plain
@@ -68,6 +68,7 @@ from microgpt.io.hf import (
 FORMATS = ("safetensors", "hf", "int8", "int4", "gguf")
 QUANTIZED_FORMATS = ("int8", "int4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_DTYPES = ("float32", "float16", "q8_0")  # q8_0: llama.cpp's blocks of 32 int8 values + a float16 scale
 INT8_SCHEME = "int8 per output channel, symmetric: w = q * scale[row], q in [-127, 127], scale = max|w[row]| / 127"
 INT8_SCHEME_NAME = "int8 per-channel symmetric (weights only, dequantized on load)"
 
@@ -262,13 +263,19 @@ def write_gguf(model, tok, out: Path, dtype: str = "float32") -> None:
     import gguf
 
     _blocked(model, "gguf")
-    if dtype not in ("float32", "float16"):
-        raise ConfigError(f"format=gguf writes dtype=float32 or float16, got {dtype}")
+    if dtype not in GGUF_DTYPES:
+        raise ConfigError(f"format=gguf writes dtype={', '.join(GGUF_DTYPES)}, got {dtype}")
     cfg = model.config
-    np_dtype = {"float32": "float32", "float16": "float16"}[dtype]
+    np_dtype = "float32" if dtype == "float32" else "float16"
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    block = gguf.GGML_QUANT_SIZES[q8][0]  # 32 values per Q8_0 block (one float16 scale each)
     w = gguf.GGUFWriter(str(out / GGUF_FILE), "gpt2")
     w.add_name("microgpt")
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(
+        {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16}.get(
+            dtype, gguf.LlamaFileType.MOSTLY_Q8_0
+        )
+    )
     w.add_context_length(cfg.block_size)
     w.add_embedding_length(cfg.n_embd)
     w.add_feed_forward_length(cfg.hidden_dim)
@@ -293,7 +300,10 @@ def write_gguf(model, tok, out: Path, dtype: str = "float32") -> None:
     for name, t in gguf_tensors(model).items():
         # 1-D tensors (norms, biases) stay float32, as llama.cpp's converter keeps them
         arr = t.numpy()
-        w.add_tensor(name, arr.astype(np_dtype) if arr.ndim == 2 else arr)
+        if arr.ndim == 2 and dtype == "q8_0" and arr.shape[-1] % block == 0:
+            w.add_tensor(name, gguf.quants.quantize(arr, q8), raw_dtype=q8)
+        else:  # q8_0: a matrix whose rows are not whole blocks stays float16, as llama.cpp's converter does
+            w.add_tensor(name, arr.astype(np_dtype) if arr.ndim == 2 else arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -339,7 +349,10 @@ def gguf_state_dict(path: Path) -> dict[str, Any]:
         t = tensors.get(names.get(key, ""))
         if t is None:
             raise CheckpointError(f"{path} lacks the tensor for {key}; export the model again")
-        v = torch.from_numpy(t.data.copy()).reshape(tuple(reversed(t.shape.tolist()))).to(torch.float32)
+        data = t.data
+        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data = gguf.quants.dequantize(data, t.tensor_type)  # q8_0 blocks -> float32
+        v = torch.from_numpy(data.copy()).reshape(tuple(reversed(t.shape.tolist()))).to(torch.float32)
         if tuple(v.shape) != shape:
             raise CheckpointError(f"{path}: tensor {t.name} has shape {tuple(v.shape)}, the model needs {shape}")
         sd[f"model.{key}"] = v
@@ -467,8 +480,9 @@ def export(
 
     if format not in FORMATS:
         raise ConfigError(f"format={format!r} is unknown; choose one of {', '.join(FORMATS)}")
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    if dtype not in DTYPES and not (format == "gguf" and dtype in GGUF_DTYPES):
+        also = " (format=gguf also: q8_0)"
+        raise ConfigError(f"dtype={dtype!r} is unknown; choose one of {', '.join(DTYPES)}{also}")
     if format in QUANTIZED_FORMATS and dtype != "float32":
         raise ConfigError(f"format={format} keeps its unquantized tensors in float32; leave dtype=float32")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
