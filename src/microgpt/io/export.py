@@ -502,11 +502,12 @@ def export(
     tok = tokenizer_from_dict(tok_rec)
     plugins = dict(ck["hyper_parameters"].get("plugins") or {})
     del ck
-    source_val = _score(model, tok, score_text, batch_size) if score_text is not None else None
     model, baked = bake_for_export(model)
     plugins = {k: v for k, v in plugins.items() if k not in baked}
-    # refuse what a format cannot hold before anything is written
+    # refuse what a format cannot hold before anything is scored or written
     quantizer_plugin = plan(model, format)
+    # the source (baking computes the same function: merged adapters, applied masks), before any export rounding
+    source_val = _score(model, tok, score_text, batch_size) if score_text is not None else None
     with atomic_dir(out, overwrite) as tmp:
         artifact = None
         if quantizer_plugin is not None:
