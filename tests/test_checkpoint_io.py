@@ -35,12 +35,12 @@ def test_safe_load_never_runs_code_and_names_the_damage(tmp_path):
 
 
 def test_format_probes_are_one_table_in_order(tmp_path):
-    assert [name for name, _, _ in FORMATS] == ["export", "hf", "ckpt"]
-    export, hf, ckpt = (probe for _, probe, _ in FORMATS)
+    assert [name for name, _, _ in FORMATS] == ["export", "hf", "gguf", "ckpt"]
+    export, hf, gguf, ckpt = (probe for _, probe, _ in FORMATS)
     (tmp_path / "microgpt.json").write_text("{}")
     assert export(tmp_path) and not ckpt(tmp_path)
     f = tmp_path / "x.ckpt"
     f.write_bytes(b"")
-    assert ckpt(f) and not export(f) and not hf(f)
+    assert ckpt(f) and not export(f) and not hf(f) and not gguf(f)
     with pytest.raises(CheckpointError, match="microgpt.json is damaged"):
         read_checkpoint(tmp_path)  # the export reader answered, not the .ckpt one

@@ -30,6 +30,7 @@ from microgpt.config import GPTConfig
 from microgpt.data.tokenizers import BPETokenizer, CharTokenizer, HFTokenizer
 from microgpt.errors import CheckpointError, ConfigError
 from microgpt.export import export, quantize_per_channel
+from microgpt.io.checkpoint import read_checkpoint
 from microgpt.model import GPT
 from tests.conftest import compose, run_cli
 
@@ -651,25 +652,34 @@ def test_exports_are_all_or_nothing(gpt2, tmp_path, monkeypatch):
         export(gpt2.dir, "safetensors", out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     export(gpt2.dir, "safetensors", out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["microgpt.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "microgpt.json", "model.safetensors"]
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["hf"]
     with pytest.raises(ConfigError, match="format='onnx' is unknown"):
         export(gpt2.dir, "onnx", tmp_path / "o")
 
 
 @pytest.mark.slow
-def test_export_cli_prints_sizes_and_fails_in_one_line(gpt2, tmp_path):
+def test_export_cli_prints_sizes_and_fails_in_one_line(gpt2, corpus, tmp_path):
     out = tmp_path / "int8"
-    r = run_cli(["-m", "microgpt.export", f"ckpt={gpt2.dir}", "format=int8", f"out={out}"], timeout=240)
+    text = tmp_path / "held_out.txt"
+    text.write_text(corpus[-3000:], encoding="utf-8")
+    r = run_cli(
+        ["-m", "microgpt.export", f"ckpt={gpt2.dir}", "format=int8", f"out={out}", f"text={text}", "batch_size=4"],
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["files"] == {p.name: p.stat().st_size for p in out.iterdir()}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert summary["manifest"] == manifest and manifest["text"] == str(text)
+    loss, n = text_loss(microgpt.load(out)[0], microgpt.load(out)[1], text)
+    assert manifest["val_tokens"] == n and manifest["val_loss"] == pytest.approx(loss, rel=1e-5)
     assert summary["bytes"] < 0.4 * summary["fp32_weights_bytes"]
     r = run_cli(
         ["-m", "microgpt.export", f"ckpt={out}", "format=hf", f"out={tmp_path / 'bad'}", "dtype=int4"], timeout=240
     )
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: dtype='int4' is unknown; choose one of float32, bfloat16, float16"
+        "error: dtype='int4' is unknown; choose one of float32, bfloat16, float16 (format=gguf also: q8_0)"
     ]
 
 
@@ -767,3 +777,339 @@ def test_lm_eval_backend_is_registered_and_checks_its_arguments(gpt2):
         adapter.MicroGPTLM(ckpt=str(gpt2.dir), temprature=1)
     lm = adapter.MicroGPTLM(ckpt=str(gpt2.dir))
     assert lm.eot_token_id == gpt2.eot and lm.max_length == 64
+
+
+# ---------------------------------------------------------------- one export command: converted models, manifests
+
+
+@pytest.fixture(scope="module")
+def held_out(trained_char, corpus, tmp_path_factory) -> Path:
+    """The last 4,000 characters (outside the 90% the char model trained on), as a text file."""
+    p = tmp_path_factory.mktemp("held-out") / "held_out.txt"
+    p.write_text(corpus[-4000:], encoding="utf-8")
+    return p
+
+
+@torch.no_grad()
+def text_loss(model, tok, path: Path) -> tuple[float, int]:
+    """Mean next-token cross-entropy over all of the text, scored in consecutive windows of block_size
+    (written here, independently of microgpt.evaluate): (loss, tokens)."""
+    data = torch.tensor(tok.encode(path.read_text(encoding="utf-8")))
+    T = model.config.block_size
+    nll, n = 0.0, 0
+    for s in range(0, len(data) - 1, T):
+        x, y = data[s : s + T], data[s + 1 : s + T + 1]
+        x = x[: len(y)]
+        nll += F.cross_entropy(model(x[None])[0].float(), y, reduction="sum").item()
+        n += len(y)
+    return nll / n, n
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_plugin_ckpt(model: GPT, tok, path: Path, plugins: list[str]) -> Path:
+    """`save_ckpt` with the plugins recorded (by name, as train.py records them)."""
+    from microgpt.plugins import DEFAULT_DIR
+
+    sd = {f"model.{k}": v for k, v in model.state_dict().items()}
+    hp = {
+        "model": model.config.to_dict(),
+        "tokenizer": tok.to_dict(),
+        "plugins": dict.fromkeys(plugins, str(DEFAULT_DIR)),
+    }
+    torch.save({"state_dict": sd, "hyper_parameters": hp}, path)
+    return path
+
+
+def check_manifest(out: Path, fmt: str, source: Path, model_loaded, tok, text: Path, src_model) -> dict:
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    others = {p.name: p.stat().st_size for p in out.iterdir() if p.name != "manifest.json"}
+    assert manifest["format"] == fmt and manifest["files"] == others
+    assert manifest["bytes"] == sum(others.values())
+    assert manifest["source_sha256"] == sha256_file(source)
+    # val loss of the exported model as microgpt.load reads it back, and of the source, on the whole text
+    loss, n = text_loss(model_loaded, tok, text)
+    assert manifest["val_tokens"] == n and manifest["val_loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    assert manifest["source_val_loss"] == pytest.approx(text_loss(src_model, tok, text)[0], rel=1e-5, abs=1e-6)
+    return manifest
+
+
+# Tolerances on the logits (max absolute difference; these logits reach ~6):
+#   safetensors / gguf float32: the same float32 tensors, so exact;
+#   hf: transformers' GPT-2 layout read back into microgpt, exact (the layout is a renaming);
+#   gguf float16: each weight rounded to 11 significant bits (relative error <= 2^-11 ~ 4.9e-4): measured
+#     1.6e-3, bounded by 2e-2;
+#   int8 (per-row symmetric, weights only): each weight within max|w_row|/254: measured 0.078, bounded by
+#     0.15, and the val loss within 0.01 nats (as test_int8_export_quantizes_per_channel_and_keeps_val_loss
+#     argues); a wrong transpose, scale or a lost tensor moves these logits by whole units;
+#   gguf q8_0 (llama.cpp's blocks of 32 int8 values + a float16 scale, dequantized by microgpt.load):
+#     measured 0.070, bounded by 0.15 like int8.
+EXPORT_TOL = {
+    ("safetensors", "float32"): 0.0,
+    ("hf", "float32"): 0.0,
+    ("gguf", "float32"): 0.0,
+    ("gguf", "float16"): 2e-2,
+    ("int8", "float32"): 0.15,
+    ("gguf", "q8_0"): 0.15,
+}
+
+
+@pytest.mark.parametrize(("fmt", "dtype"), list(EXPORT_TOL))
+def test_every_export_writes_a_manifest_and_loads_back_close_to_the_source(
+    fmt, dtype, trained_char, held_out, tmp_path
+):
+    src, tok = trained_char.model, trained_char.tok
+    ck = save_ckpt(src, tok, tmp_path / "m.ckpt")
+    out = tmp_path / fmt
+    summary = export(ck, fmt, out, dtype=dtype, text=held_out)
+    model, tok2 = microgpt.load(out)
+    assert tok2 == tok and not model.training
+    x = ids(vocab=tok.vocab_size, seed=3)
+    with torch.no_grad():
+        ref, got = src(x), model(x)
+    assert ref.abs().max() > 3
+    diff = (got - ref).abs().max().item()
+    assert diff <= EXPORT_TOL[(fmt, dtype)], diff
+    manifest = check_manifest(out, fmt, ck, model, tok, held_out, src)
+    assert summary["manifest"] == manifest and summary["files"]["manifest.json"] > 0
+    assert manifest["scheme"] == (
+        "int8 per-channel symmetric (weights only, dequantized on load)" if fmt == "int8" else dtype
+    )
+    assert manifest["artifact"] is None and manifest["baked"] == [] and manifest["converters"] == []
+    if fmt == "int8":
+        assert diff > 0 and abs(manifest["val_loss"] - manifest["source_val_loss"]) < 0.01
+
+
+def lora_model(trained_char, seed: int = 0):
+    from microgpt.plugins import load_plugin
+
+    load_plugin("lora")
+    src = trained_char.model
+    cfg = {**src.config.to_dict(), "converters": [{"name": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0}]}
+    from microgpt.model import build_model
+
+    model = build_model(GPTConfig.from_dict(cfg))
+    model.load_state_dict(src.state_dict(), strict=False)  # plain keys land in `.base` (the plugin's pre-hook)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def test_export_merges_a_lora_checkpoint_and_adapter_into_every_format(trained_char, held_out, tmp_path):
+    tok = trained_char.tok
+    adapted = lora_model(trained_char)
+    ck = save_plugin_ckpt(adapted, tok, tmp_path / "lora.ckpt", ["lora"])
+    x = ids(vocab=tok.vocab_size, seed=4)
+    with torch.no_grad():
+        live = adapted(x)
+        assert (live - trained_char.model(x)).abs().max() > 0.1  # the adapters matter
+    # hf: the merged weights, read by the real client
+    export(ck, "hf", tmp_path / "hf")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert (hf_logits(hf, x) - live).abs().max().item() <= TOL
+    manifest = json.loads((tmp_path / "hf" / "manifest.json").read_text())
+    assert manifest["baked"] == ["lora"] and manifest["converters"] == []
+    for fmt in ("safetensors", "gguf"):
+        export(ck, fmt, tmp_path / fmt)
+        model, _ = microgpt.load(tmp_path / fmt)
+        assert model.config.converters == [] and not any("lora" in k for k in model.state_dict())
+        with torch.no_grad():
+            assert (model(x) - live).abs().max().item() <= TOL, fmt
+    # an adapter (adapter.safetensors + adapter.json next to its base) exports the same way
+    from microgpt.plugins import load_plugin
+
+    base = save_ckpt(trained_char.model, tok, tmp_path / "base.ckpt")
+    load_plugin("lora").save_adapter(adapted, tmp_path / "adapter", str(base), tok.to_dict(), {})
+    export(tmp_path / "adapter", "int8", tmp_path / "int8", text=held_out)
+    model, _ = microgpt.load(tmp_path / "int8")
+    with torch.no_grad():
+        assert (model(x) - live).abs().max().item() <= EXPORT_TOL[("int8", "float32")]
+    m = json.loads((tmp_path / "int8" / "manifest.json").read_text())
+    assert m["baked"] == ["lora"] and abs(m["val_loss"] - text_loss(adapted, tok, held_out)[0]) < 0.01
+
+
+def test_export_bakes_a_pruned_model_to_plain_weights(trained_char, tmp_path):
+    from microgpt.model import build_model
+    from microgpt.plugins import load_plugin
+
+    prune = load_plugin("prune")
+    src = trained_char.model
+    model = build_model(GPTConfig.from_dict({**src.config.to_dict(), "converters": [{"name": "prune"}]}))
+    model.load_state_dict(src.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(0)
+    for name, mask in model.prune_masks.items():
+        model.prune_masks.set(name, torch.rand(mask.shape, generator=g) > 0.5)
+    prune.apply_masks_(model)
+    model.eval()
+    ck = save_plugin_ckpt(model, trained_char.tok, tmp_path / "pruned.ckpt", ["prune"])
+    x = ids(vocab=trained_char.tok.vocab_size, seed=5)
+    export(ck, "hf", tmp_path / "hf")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        live = model(x)
+    assert (hf_logits(hf, x) - live).abs().max().item() <= TOL
+    w = hf.transformer.h[0].mlp.c_fc.weight  # Conv1D: (in, out)
+    assert 0.45 < (w == 0).float().mean().item() < 0.55  # the masked half is zero in the exported weights
+    manifest = json.loads((tmp_path / "hf" / "manifest.json").read_text())
+    assert manifest["baked"] == ["prune"] and manifest["converters"] == []
+    export(ck, "gguf", tmp_path / "gguf")
+    back, _ = microgpt.load(tmp_path / "gguf")
+    with torch.no_grad():
+        assert torch.equal(back(x), live)
+
+
+def qat_model(trained_char, scheme: str):
+    from microgpt.model import build_model
+    from microgpt.plugins import load_plugin
+
+    load_plugin("qat")
+    src = trained_char.model
+    spec = {"name": "qat", "scheme": scheme, "group_size": 32}
+    model = build_model(GPTConfig.from_dict({**src.config.to_dict(), "converters": [spec]}))
+    model.load_state_dict(src.state_dict(), strict=True)  # FakeQuantizedLinear keeps the Linear's names
+    return model.eval()
+
+
+# The real quantized model against the fake-quantized one it was trained as: the same integer grid and
+# scales (the qat plugin's own tests hold their val losses within 1e-5..2e-5, tests/test_plugin_qat.py TOL).
+# Logits measured here: 8da4w 0 (identical), int8 3.4e-3 (the int8 kernel's rounding of dynamic per-token
+# activations); bounded by 1e-3 and 1e-2. Leaving the quantization out (the float model) moves them by
+# 0.37 / 0.054..0.09 (int8): the test checks that this is over 3x the bound.
+QAT_LOGIT_TOL = {"8da4w": 1e-3, "int8": 1e-2}
+
+
+@pytest.mark.parametrize(("scheme", "fmt", "wrong"), [("8da4w", "int4", "int8"), ("int8", "int8", "int4")])
+def test_a_qat_checkpoint_exports_the_scheme_it_was_trained_for_through_its_plugin(
+    scheme, fmt, wrong, trained_char, held_out, tmp_path
+):
+    tok = trained_char.tok
+    fake = qat_model(trained_char, scheme)
+    ck = save_plugin_ckpt(fake, tok, tmp_path / "qat.ckpt", ["qat"])
+    x = ids(vocab=tok.vocab_size, seed=6)
+    with torch.no_grad():
+        ref = fake(x)
+        # quantization is visible in the logits, beyond the tolerance
+        assert (ref - trained_char.model(x)).abs().max().item() > 3 * QAT_LOGIT_TOL[scheme]
+    out = tmp_path / fmt
+    export(ck, fmt, out, text=held_out)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "quantized.pt", "quantized.pt.json"]
+    model, tok2 = microgpt.load(out)
+    assert tok2 == tok
+    w = model.blocks[0].mlp.fc.weight
+    assert type(w) is not torch.Tensor and type(w) is not torch.nn.Parameter  # real quantized weights
+    with torch.no_grad():
+        assert (model(x) - ref).abs().max().item() <= QAT_LOGIT_TOL[scheme]
+        if scheme == "8da4w":  # identical logits (measured): greedy generation with the KV cache is identical too
+            prompt = x[:1, :8]
+            greedy = model.generate(prompt, 24, temperature=0)
+            assert torch.equal(greedy, fake.generate(prompt, 24, temperature=0)) and greedy.shape == (1, 32)
+    manifest = check_manifest(out, fmt, ck, model, tok, held_out, fake)
+    assert manifest["scheme"] == f"qat {scheme}" and manifest["artifact"] == "quantized.pt"
+    assert manifest["converters"] == ["qat"] and manifest["baked"] == []
+    assert abs(manifest["val_loss"] - manifest["source_val_loss"]) < 1e-4
+    # training and conversion need float weights: the quantized export is refused there, saying what reads it
+    with pytest.raises(CheckpointError, match="is an exported quantized model: `microgpt.load` .* exported from"):
+        read_checkpoint(out)
+    # the file itself loads too
+    assert type(microgpt.load(out / "quantized.pt")[0].blocks[1].attn.qkv.weight) is type(w)
+    # what cannot represent this model is refused naming the component, before anything is written
+    for bad, needle in (
+        (wrong, f"qat {scheme} \\(plugin qat\\), which format={wrong} cannot represent; use format={fmt}"),
+        ("hf", "converted modules \\(qat\\)"),
+        ("gguf", "converted modules \\(qat\\)"),
+    ):
+        with pytest.raises(CheckpointError, match=needle) as e:
+            export(ck, bad, tmp_path / "refused" / bad)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+
+
+def test_int4_of_a_model_not_trained_for_it_is_refused(trained_char, tmp_path):
+    ck = save_ckpt(trained_char.model, trained_char.tok, tmp_path / "m.ckpt")
+    with pytest.raises(CheckpointError, match="format=int4 .* this model has none: use format=int8"):
+        export(ck, "int4", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_lora_adapted_qat_model_exports_merged_then_quantized(trained_char, tmp_path):
+    """QLoRA-style (lora over a fake-quantized base): export merges the adapters (lora's bake) and writes qat's
+    artifact of the merged weights, as the model a QAT run on W + s B A would give."""
+    from microgpt.model import build_model
+
+    tok, src = trained_char.tok, trained_char.model
+    lora_spec = {"name": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0}
+    qat_spec = {"name": "qat", "scheme": "8da4w", "group_size": 32}
+    lora_model(trained_char)  # registers the lora converter
+    qat_model(trained_char, "8da4w")  # and qat's
+    adapted = build_model(GPTConfig.from_dict({**src.config.to_dict(), "converters": [lora_spec, qat_spec]}))
+    adapted.load_state_dict(src.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(1)
+    merged_sd = dict(src.state_dict())
+    with torch.no_grad():
+        for name, m in adapted.named_modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+                merged_sd[f"{name}.weight"] = m.base.weight + (m.lora_B @ m.lora_A) * (8.0 / 4)
+    ck = save_plugin_ckpt(adapted.eval(), tok, tmp_path / "qlora.ckpt", ["lora", "qat"])
+    export(ck, "int4", tmp_path / "int4")
+    manifest = json.loads((tmp_path / "int4" / "manifest.json").read_text())
+    assert manifest["baked"] == ["lora"] and manifest["converters"] == ["qat"] and manifest["scheme"] == "qat 8da4w"
+    ref = build_model(GPTConfig.from_dict({**src.config.to_dict(), "converters": [qat_spec]}))
+    ref.load_state_dict(merged_sd, strict=True)
+    model, _ = microgpt.load(tmp_path / "int4")
+    x = ids(vocab=tok.vocab_size, seed=7)
+    with torch.no_grad():
+        r = ref.eval()(x)
+        assert (r - qat_model(trained_char, "8da4w")(x)).abs().max() > 3 * QAT_LOGIT_TOL["8da4w"]  # adapters matter
+        assert (model(x) - r).abs().max().item() <= QAT_LOGIT_TOL["8da4w"]
+
+
+def test_gguf_q8_0_stores_llama_cpps_blocks_of_32_int8_values_with_a_float16_scale(trained_char, tmp_path):
+    """Read the raw Q8_0 bytes by hand (34 bytes a block: float16 scale d, then 32 int8 q; w ~ d * q)."""
+    import gguf
+    import numpy as np
+
+    src = trained_char.model
+    ck = save_ckpt(src, trained_char.tok, tmp_path / "m.ckpt")
+    q8 = export(ck, "gguf", tmp_path / "q8", dtype="q8_0")
+    f32 = export(ck, "gguf", tmp_path / "f32")
+    r = gguf.GGUFReader(tmp_path / "q8" / "model.gguf")
+    assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    t = {x.name: x for x in r.tensors}
+    assert t["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert t["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # norms, biases: float32
+    for name, key in (("blk.0.ffn_up.weight", "blocks.0.mlp.fc.weight"), ("token_embd.weight", "wte.weight")):
+        w = src.state_dict()[key]
+        raw = np.asarray(t[name].data).reshape(-1, 34)  # (out, in) row-major: blocks run along each row
+        d = torch.from_numpy(raw[:, :2].copy().view(np.float16).astype(np.float32))  # (blocks, 1)
+        q = torch.from_numpy(raw[:, 2:].copy().view(np.int8).astype(np.float32))
+        blocks = w.reshape(-1, 32)
+        assert torch.allclose(d[:, 0], (blocks.abs().amax(1) / 127).half().float())
+        # half a step, plus the float16 rounding of d times |q| <= 127 (relative 2^-11: ~0.07 of a step)
+        assert ((q * d - blocks).abs() <= 0.57 * d + 1e-7).all(), name
+        assert q.abs().max() == 127
+    # ~34 / 32 bytes per matrix weight against 4: about 0.27x the float32 GGUF here
+    assert q8["bytes"] < 0.3 * f32["bytes"], (q8["bytes"], f32["bytes"])
+    assert json.loads((tmp_path / "q8" / "manifest.json").read_text())["scheme"] == "q8_0"
+
+
+def test_gguf_q8_0_keeps_matrices_with_partial_blocks_in_float16(tmp_path):
+    import gguf
+
+    tok = CharTokenizer("".join(chr(65 + i) for i in range(60)))
+    src = small_model(vocab=60, n_embd=48, n_head=4, mlp_hidden=128)  # rows of 48: not whole blocks of 32
+    export(save_ckpt(src, tok, tmp_path / "m.ckpt"), "gguf", tmp_path / "q8", dtype="q8_0")
+    types = {x.name: x.tensor_type.name for x in gguf.GGUFReader(tmp_path / "q8" / "model.gguf").tensors}
+    assert types["blk.0.ffn_up.weight"] == "F16" and types["token_embd.weight"] == "F16"  # in = 48
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # in = 128
+    model, _ = microgpt.load(tmp_path / "q8")
+    x = ids(vocab=60, seed=8)
+    with torch.no_grad():
+        assert (model(x) - src(x)).abs().max().item() <= EXPORT_TOL[("gguf", "q8_0")]

@@ -353,15 +353,20 @@ def test_generate_cli_reports_tokens_per_second_with_verbose(pipe_run):
 def test_a_qat_artifact_is_refused_with_what_to_run_instead(tmp_path):
     import microgpt
     from microgpt.errors import CheckpointError
+    from microgpt.io.checkpoint import read_checkpoint
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     q = run / "checkpoints" / "quantized.pt"
     torch.save({"format": "microgpt-qat/1"}, q)
+    # where a checkpoint is needed (init_from, a teacher, conversion): what reads it, and the checkpoint to pass
     with pytest.raises(CheckpointError) as e:
-        microgpt.load(q)
+        read_checkpoint(q)
     msg = str(e.value)
-    assert f"ckpt={run}" in msg and "python -m microgpt.export" in msg and "format=int8" in msg
+    assert f"ckpt={run}" in msg and "microgpt.load" in msg
+    # microgpt.load reads quantized artifacts: this damaged one is refused saying what it lacks
+    with pytest.raises(CheckpointError, match="lacks its model and state_dict record"):
+        microgpt.load(q)
 
 
 def test_fine_tuning_a_char_model_on_new_characters_gives_advice_that_applies(tmp_path):

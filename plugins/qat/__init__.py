@@ -281,6 +281,9 @@ def load_quantized(path: str | os.PathLike):
     )
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a microgpt quantized model (format {FORMAT})")
+    missing = [k for k in ("model", "state_dict") if not isinstance(blob.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path} lacks its {' and '.join(missing)} record; convert the checkpoint again")
     import_recorded_plugins(blob)
     config = GPTConfig.from_dict(blob["model"])
     qat_spec(config)  # qat must be the last converter
@@ -359,6 +362,15 @@ def write_quantized(model: nn.Module, path: str | os.PathLike, tokenizer: dict, 
     """Convert and write `model`'s quantized artifact: {"bytes", "kind"}."""
     r = convert_and_save(model, path, tokenizer, plugins)
     return {"bytes": r["bytes"], "kind": f"qat {r['scheme']}"}
+
+
+# the `python -m microgpt.export format=...` that holds each scheme's real quantized weights
+EXPORT_FORMATS = {"8da4w": "int4", "int4_weight_only": "int4", "int8": "int8"}
+
+
+def quantized_format(model: nn.Module) -> str:
+    """The export format (int8 | int4) of the scheme `model` was trained for (its `qat` converter's)."""
+    return EXPORT_FORMATS[qat_spec(model.config)["scheme"]]
 
 
 def describe_quantized(model: nn.Module) -> str:

@@ -217,6 +217,7 @@ def export_summary(result: dict[str, Any]) -> str:
     nxt = {
         "safetensors": f"python -m microgpt.generate ckpt={_short(out)}",
         "int8": f"python -m microgpt.generate ckpt={_short(out)}",
+        "int4": f"python -m microgpt.generate ckpt={_short(out)}",
         "hf": f"python -c \"import transformers as t; t.AutoModelForCausalLM.from_pretrained('{_short(out)}')\"",
         "gguf": f"llama-cli -m {_short(out)}/<the .gguf file> -p 'Hello'",
     }.get(fmt)

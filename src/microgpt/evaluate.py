@@ -73,6 +73,25 @@ def blocks(data: np.ndarray, block_size: int, batch_size: int) -> Iterator[tuple
         yield w[None, :-1].contiguous(), w[None, 1:].contiguous()
 
 
+def text_batches(tokenizer, text: str, block_size: int, batch_size: int) -> tuple[Iterator, float]:
+    """All of `text` as (x, y) blocks (`blocks`) and its bytes per token: what split=all scores."""
+    from microgpt.data.datamodule import tokenizer_mismatch
+
+    try:
+        tokens = tokenizer.encode_array(text)
+    except DataError:
+        raise DataError(tokenizer_mismatch(tokenizer, text)) from None
+    if len(tokens) < 2:
+        raise ConfigError("nothing to evaluate: the text holds less than two tokens; use a longer text")
+    return blocks(tokens, block_size, batch_size), tokenizer.count_bytes(tokens) / len(tokens)
+
+
+def evaluate_text(model, tokenizer, text: str, batch_size: int = 16) -> dict:
+    """`evaluate_model` on the whole of `text` (what `python -m microgpt.evaluate ckpt=... data.path=FILE` gives)."""
+    batches, bpt = text_batches(tokenizer, text, model.config.block_size, batch_size)
+    return evaluate_model(model, batches, bpt)
+
+
 def run_config(ckpt: str) -> DictConfig:
     """The config.yaml that train.py wrote into the checkpoint's run directory."""
     p = Path(ckpt).expanduser()
@@ -113,7 +132,6 @@ def _resolved_data(saved: DictConfig) -> DictConfig:
 
 def evaluate(cfg: DictConfig) -> dict:
     from microgpt import load
-    from microgpt.data.datamodule import tokenizer_mismatch
     from microgpt.train import _instantiate
 
     model, tokenizer = load(cfg.ckpt, map_location=cfg.device)
@@ -123,15 +141,7 @@ def evaluate(cfg: DictConfig) -> dict:
         dm.setup("validate")
         batches, bpt = dm.full_val_batches(cfg.batch_size), dm.bytes_per_token
     else:
-        text = dm._read_text()
-        try:
-            tokens = tokenizer.encode_array(text)
-        except DataError:
-            raise DataError(tokenizer_mismatch(tokenizer, text)) from None
-        if len(tokens) < 2:
-            raise ConfigError("nothing to evaluate: the text holds less than two tokens; use a longer text")
-        batches = blocks(tokens, model.config.block_size, cfg.batch_size)
-        bpt = tokenizer.count_bytes(tokens) / len(tokens)
+        batches, bpt = text_batches(tokenizer, dm._read_text(), model.config.block_size, cfg.batch_size)
     result = evaluate_model(model, batches, bpt, cfg.max_batches)
     result.update(split=split, source=data.get("path") or data.get("source"), ckpt=str(cfg.ckpt))
     return result

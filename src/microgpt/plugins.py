@@ -115,6 +115,7 @@ class PluginModule(Protocol):
       load_quantized(path) -> (model, tokenizer | None)
                                       read it back
       describe_quantized(model) -> str  what a model read back is, in a few words ("qat 8da4w")
+      quantized_format(model) -> str  the `microgpt.export format=` (int8 | int4) its artifact answers to
     Training-time pieces come from the plugin's yaml: `model.converters.NAME` (a registered converter) and
     `callbacks.NAME` (a Lightning callback, usually a `Preparer`).
     """
@@ -133,6 +134,8 @@ class PluginModule(Protocol):
     def load_quantized(self, path: Any) -> tuple[Any, Any]: ...
 
     def describe_quantized(self, model: Any) -> str: ...
+
+    def quantized_format(self, model: Any) -> str: ...
 
 
 @runtime_checkable

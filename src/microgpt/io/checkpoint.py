@@ -21,6 +21,8 @@ from microgpt.model import GPT
 
 EXPORT_META = "microgpt.json"  # marks a directory written by `python -m microgpt.export` (safetensors / int8)
 ADAPTER_META = "adapter.json"  # marks a LoRA adapter written by the lora plugin (adapter.safetensors beside it)
+EXPORT_MANIFEST = "manifest.json"  # every `python -m microgpt.export` directory: format, scheme, bytes, source hash
+GGUF_FILE = "model.gguf"  # the file `python -m microgpt.export format=gguf` writes
 
 
 def adapter_meta(path: str | os.PathLike) -> Path | None:
@@ -100,6 +102,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                 return cand
         if any(probe(p) for _, probe, _ in FORMATS if _ != "ckpt"):
             return p
+        if quantized_artifact(p) is not None:
+            raise CheckpointError(
+                f"{p} is an exported quantized model: `microgpt.load` and `python -m microgpt.report` read it, "
+                "training and conversion need float weights; pass the checkpoint it was exported from "
+                f"(its {EXPORT_MANIFEST} records it as source)"
+            )
         raise CheckpointError(
             f"no checkpoint in directory {p} (looked for checkpoints/last.ckpt, an exported {EXPORT_META} "
             "and an HF config.json); pass a .ckpt file, a run directory or a model directory"
@@ -190,10 +198,54 @@ def quantized_refusal(path: str | os.PathLike) -> str:
     """What to say when a qat artifact (quantized.pt) is given where a checkpoint is read."""
     run = Path(path).parent.parent if Path(path).parent.name == "checkpoints" else Path(path).parent
     return (
-        f"{path} is the qat plugin's quantized artifact, which only `python -m microgpt.report` reads; "
-        f"pass the run's checkpoint instead (ckpt={run}), or export a quantized model every command reads: "
-        f"python -m microgpt.export ckpt={run} format=int8 out=DIR"
+        f"{path} is a plugin's quantized artifact: `microgpt.load` and `python -m microgpt.report` read it, training "
+        f"and conversion do not; pass the run's checkpoint instead (ckpt={run})"
     )
+
+
+def quantized_artifact(path: str | os.PathLike) -> Path | None:
+    """A plugin's quantized artifact given as the file itself or as the export directory whose manifest names
+    it (`python -m microgpt.export format=int8|int4` of a model trained to be quantized); else None."""
+    if isinstance(path, str) and path.startswith("hf:"):
+        return None
+    p = Path(path).expanduser()
+    if p.is_dir():
+        try:
+            name = json.loads((p / EXPORT_MANIFEST).read_text(encoding="utf-8")).get("artifact")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(name, str) or not name:
+            return None
+        if not (p / name).is_file():
+            raise CheckpointError(f"exported directory {p} lacks its quantized artifact {name}; export the model again")
+        return p / name
+    if not p.is_file() or p.suffix == ".ckpt":
+        return None
+    from microgpt.plugins import artifact_reader
+
+    reader = artifact_reader(p)
+    if reader is None:
+        return None
+    artifact = reader.QUANTIZED_ARTIFACT
+    return p if p.name == artifact or p.name.endswith("." + artifact) else None
+
+
+def _gguf_file(p: Path) -> Path | None:
+    if p.is_dir() and not (p / EXPORT_META).is_file() and not (p / "config.json").is_file():
+        return p / GGUF_FILE if (p / GGUF_FILE).is_file() else None
+    return p if p.is_file() and p.suffix == ".gguf" else None
+
+
+def is_gguf(p: Path) -> bool:
+    return _gguf_file(p) is not None
+
+
+def read_gguf(p: Path) -> dict[str, Any]:
+    """A GGUF written by `microgpt.export format=gguf` (llama.cpp's gpt2 tensors + microgpt's config and
+    tokenizer records), as a checkpoint dict; float16 matrices come back as float32."""
+    from microgpt.io.export import gguf_state_dict
+
+    return gguf_state_dict(_gguf_file(p))
 
 
 def _is_hf_dir(p: Path) -> bool:
@@ -215,6 +267,7 @@ def _read_hf_dir(p: Path) -> dict[str, Any]:
 FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], dict[str, Any]]]] = [
     ("export", is_export_dir, read_export_dir),  # python -m microgpt.export: safetensors / int8 + microgpt.json
     ("hf", _is_hf_dir, _read_hf_dir),  # a Hugging Face model directory (config.json + weights)
+    ("gguf", is_gguf, read_gguf),  # python -m microgpt.export format=gguf: model.gguf (or a .gguf file)
     ("ckpt", Path.is_file, read_ckpt_file),  # a Lightning checkpoint written by train.py
 ]
 
@@ -259,11 +312,23 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", base: str | os.PathLike | None = None):
     """`model, tokenizer = microgpt.load(path)`: the GPT in eval mode and its tokenizer.
 
-    path: a .ckpt, a run directory, an exported directory (safetensors / int8), a local HF GPT-2 directory,
-    or a LoRA adapter (directory / adapter.safetensors) applied to `base` (default: the base it recorded).
+    path: a .ckpt, a run directory, an exported directory (every `microgpt.export` format), a local HF GPT-2
+    directory, or a LoRA adapter (directory / adapter.safetensors) applied to `base` (default: the base it
+    recorded). A plugin's quantized artifact (a `format=int8|int4` export of a model trained to be quantized,
+    or the file itself) comes back as the quantized model its plugin's `load_quantized` builds.
     """
     from microgpt.data.tokenizers import tokenizer_from_dict
 
+    artifact = quantized_artifact(path)
+    if artifact is not None:
+        from microgpt.plugins import artifact_reader
+
+        model, tok = artifact_reader(artifact).load_quantized(artifact)
+        if tok is None:
+            raise CheckpointError(f"{artifact} holds no tokenizer; export a checkpoint written by train.py")
+        if str(map_location) != "cpu":
+            model = model.to(map_location)
+        return model.eval(), tok
     ckpt = read_checkpoint(path, base)
     model = model_from_checkpoint(ckpt).to(map_location).eval()
     tok = ckpt["hyper_parameters"].get("tokenizer")

@@ -1,25 +1,35 @@
-"""Export a model out of microgpt:
+"""Export a model out of microgpt, one command for every artifact:
 
-    python -m microgpt.export ckpt=PATH format=safetensors|hf|int8|gguf out=DIR
+    python -m microgpt.export ckpt=PATH format=safetensors|hf|int8|int4|gguf out=DIR [text=FILE] [base=BASE]
 
     safetensors  model.safetensors + microgpt.json (config, tokenizer); `microgpt.load(DIR)` reloads it
     hf           a transformers directory `AutoModelForCausalLM.from_pretrained(DIR)` loads: GPT-2's layout
                  for learned-position/LayerNorm/GELU models, Llama's (or Qwen2's: q/k/v biases; Mistral's:
                  sliding window) for rope/rmsnorm/swiglu ones; with the tokenizer files when the tokenizer
                  is a BPE (tokenizer.json, vocab.json, merges.txt; a pretrained one's tokenizer_config.json)
-    int8         Linear weights (and the token embedding / tied head) quantized per output channel,
-                 symmetric: q = round(w / s) in [-127, 127], s = max|w_row| / 127, stored as int8 + float32
-                 scales in model.safetensors; `microgpt.load(DIR)` dequantizes
-    gguf         model.gguf for the `gpt2` architecture (llama.cpp's tensor names, metadata and BPE vocab)
+    int8         a plain model: Linear weights (and the token embedding / tied head) quantized per output
+                 channel, symmetric: q = round(w / s) in [-127, 127], s = max|w_row| / 127, stored as int8 +
+                 float32 scales in model.safetensors; `microgpt.load(DIR)` dequantizes.
+                 A model trained to be quantized (a plugin's converter with a quantized artifact, e.g. qat's
+                 int8 scheme): that plugin's artifact, real quantized weights, loaded as a quantized model
+    int4         a model trained for a 4-bit scheme (qat's 8da4w / int4_weight_only): its plugin's artifact
+    gguf         model.gguf for the `gpt2` architecture (llama.cpp's tensor names, metadata and BPE vocab),
+                 dtype=float32 | float16 | q8_0; `microgpt.load(DIR)` reads it back
 
-PATH is anything `microgpt.load` accepts (a .ckpt, a run dir, an exported dir, an HF GPT-2 or Llama-family dir). The
-export is written to a temporary directory next to DIR and renamed into place when complete, so an
-error never leaves a half-written DIR. The last line printed is a JSON summary (files and sizes).
+PATH is anything `microgpt.load` accepts (a .ckpt, a run dir, an exported dir, an HF GPT-2 or Llama-family dir,
+a LoRA adapter: its base is the recorded one or `base=`). Plugin converters are first folded into plain
+weights by their plugin's `bake` hook (LoRA adapters merged, pruning masks applied); what is left must be
+something the format can hold, else the export is refused naming the component. Every export also writes
+manifest.json (format, scheme, bytes, the source's sha256, and with `text=FILE` the val loss of the exported
+model as `microgpt.load` reads it back, scored by `microgpt.evaluate` on the whole file). The export is
+written to a temporary directory next to DIR and renamed into place when complete, so an error never leaves
+a half-written DIR. The last line printed is a JSON summary (files and sizes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -36,7 +46,15 @@ from omegaconf import DictConfig
 
 from microgpt.cli import CONF_DIR, exit_on_error, quiet_env
 from microgpt.errors import CheckpointError, ConfigError
-from microgpt.io.checkpoint import EXPORT_META, model_from_checkpoint, read_checkpoint
+from microgpt.io.checkpoint import (
+    EXPORT_MANIFEST,
+    EXPORT_META,
+    GGUF_FILE,
+    adapter_meta,
+    model_from_checkpoint,
+    read_checkpoint,
+    resolve_checkpoint,
+)
 from microgpt.io.hf import (
     gpt2_blockers,
     hf_config_dict,
@@ -47,9 +65,12 @@ from microgpt.io.hf import (
     state_dict_to_llama,
 )
 
-FORMATS = ("safetensors", "hf", "int8", "gguf")
+FORMATS = ("safetensors", "hf", "int8", "int4", "gguf")
+QUANTIZED_FORMATS = ("int8", "int4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_DTYPES = ("float32", "float16", "q8_0")  # q8_0: llama.cpp's blocks of 32 int8 values + a float16 scale
 INT8_SCHEME = "int8 per output channel, symmetric: w = q * scale[row], q in [-127, 127], scale = max|w[row]| / 127"
+INT8_SCHEME_NAME = "int8 per-channel symmetric (weights only, dequantized on load)"
 
 
 # ---- writing atomically --------------------------------------------------------------------------------
@@ -242,13 +263,19 @@ def write_gguf(model, tok, out: Path, dtype: str = "float32") -> None:
     import gguf
 
     _blocked(model, "gguf")
-    if dtype not in ("float32", "float16"):
-        raise ConfigError(f"format=gguf writes dtype=float32 or float16, got {dtype}")
+    if dtype not in GGUF_DTYPES:
+        raise ConfigError(f"format=gguf writes dtype={', '.join(GGUF_DTYPES)}, got {dtype}")
     cfg = model.config
-    np_dtype = {"float32": "float32", "float16": "float16"}[dtype]
-    w = gguf.GGUFWriter(str(out / "model.gguf"), "gpt2")
+    np_dtype = "float32" if dtype == "float32" else "float16"
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    block = gguf.GGML_QUANT_SIZES[q8][0]  # 32 values per Q8_0 block (one float16 scale each)
+    w = gguf.GGUFWriter(str(out / GGUF_FILE), "gpt2")
     w.add_name("microgpt")
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(
+        {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16}.get(
+            dtype, gguf.LlamaFileType.MOSTLY_Q8_0
+        )
+    )
     w.add_context_length(cfg.block_size)
     w.add_embedding_length(cfg.n_embd)
     w.add_feed_forward_length(cfg.hidden_dim)
@@ -273,11 +300,164 @@ def write_gguf(model, tok, out: Path, dtype: str = "float32") -> None:
     for name, t in gguf_tensors(model).items():
         # 1-D tensors (norms, biases) stay float32, as llama.cpp's converter keeps them
         arr = t.numpy()
-        w.add_tensor(name, arr.astype(np_dtype) if arr.ndim == 2 else arr)
+        if arr.ndim == 2 and dtype == "q8_0" and arr.shape[-1] % block == 0:
+            w.add_tensor(name, gguf.quants.quantize(arr, q8), raw_dtype=q8)
+        else:  # q8_0: a matrix whose rows are not whole blocks stays float16, as llama.cpp's converter does
+            w.add_tensor(name, arr.astype(np_dtype) if arr.ndim == 2 else arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def gguf_state_dict(path: Path) -> dict[str, Any]:
+    """A GGUF that `write_gguf` wrote, as a checkpoint dict (the inverse of `gguf_tensors`)."""
+    import gguf
+
+    from microgpt.config import GPTConfig
+    from microgpt.model import GPT
+
+    try:
+        r = gguf.GGUFReader(str(path))
+        cfg_field, tok_field = r.fields.get("microgpt.config"), r.fields.get("microgpt.tokenizer")
+        tensors = {t.name: t for t in r.tensors}
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}); export the model again"
+        ) from None
+    if cfg_field is None or tok_field is None:
+        raise CheckpointError(
+            f"{path} was not written by `python -m microgpt.export format=gguf` (no microgpt.config record); "
+            "run it with llama.cpp, or export the model from microgpt"
+        )
+    cfg_dict, tok = json.loads(cfg_field.contents()), json.loads(tok_field.contents())
+    cfg = GPTConfig.from_dict(dict(cfg_dict))
+    with torch.device("meta"):  # the names and shapes the model needs; no memory, no init
+        want = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    names = {"wte.weight": "token_embd.weight", "pos.wpe.weight": "position_embd.weight"}
+    names |= {
+        "norm_f.weight": "output_norm.weight",
+        "norm_f.bias": "output_norm.bias",
+        "lm_head.weight": "output.weight",
+    }
+    for i in range(cfg.n_layer):
+        for mg, gg in _GGUF_LAYER.items():
+            for leaf in ("weight", "bias"):
+                names[f"blocks.{i}.{mg}.{leaf}"] = f"blk.{i}.{gg}.{leaf}"
+    sd = {}
+    for key, shape in want.items():
+        t = tensors.get(names.get(key, ""))
+        if t is None:
+            raise CheckpointError(f"{path} lacks the tensor for {key}; export the model again")
+        data = t.data
+        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data = gguf.quants.dequantize(data, t.tensor_type)  # q8_0 blocks -> float32
+        v = torch.from_numpy(data.copy()).reshape(tuple(reversed(t.shape.tolist()))).to(torch.float32)
+        if tuple(v.shape) != shape:
+            raise CheckpointError(f"{path}: tensor {t.name} has shape {tuple(v.shape)}, the model needs {shape}")
+        sd[f"model.{key}"] = v
+    return {
+        "state_dict": sd,
+        "hyper_parameters": {"model": cfg_dict, "tokenizer": tok, "plugins": {}},
+        "source": {"gguf": str(path)},
+    }
+
+
+# ---- baking, refusing, the manifest --------------------------------------------------------------------
+
+
+def _owner_names(model) -> list[str]:
+    from microgpt.plugins import converter_owners
+
+    return [m.__name__.split(".")[1] for m in converter_owners(model)]
+
+
+def bake_for_export(model) -> tuple[Any, list[str]]:
+    """`model` with every plugin converter its plugin can fold into plain weights folded (`bake` hook: LoRA
+    merged, pruning masks applied), and the names of the plugins that left no converter behind."""
+    from microgpt.plugins import bake
+
+    before = _owner_names(model)
+    model = bake(model).eval()
+    after = _owner_names(model)
+    return model, [n for n in before if n not in after]
+
+
+def plan(model, format: str):
+    """The plugin whose quantized artifact this export writes (int8/int4 of a model trained to be quantized),
+    or None for microgpt's own writers; raises CheckpointError naming what `format` cannot hold."""
+    from microgpt.plugins import hook, quantizer
+
+    converters = [str(c.get("name")) for c in model.config.converters]
+    q = quantizer(model) if converters else None
+    if format in ("hf", "gguf"):
+        _blocked(model, format)  # names every component (converters included) the architecture lacks
+        return None
+    if format == "safetensors":
+        return None  # plain tensors: the remaining converters are recorded and rebuilt on load
+    if q is None:
+        if format == "int4":
+            raise CheckpointError(
+                "format=int4 writes the quantized artifact of a model trained for a 4-bit scheme (a plugin converter "
+                "with a quantized artifact, see docs/interop.md); this model has none: use format=int8"
+            )
+        _check_plain(model)
+        return None
+    name = q.__name__.split(".")[1]
+    others = [c for c in converters if c not in _converter_names_of(model, name)]
+    if others:
+        raise CheckpointError(
+            f"format={format} writes plugin {name}'s quantized artifact, which cannot hold the converters "
+            f"{', '.join(others)}; use format=safetensors"
+        )
+    fmt_of = hook(q, "quantized_format")
+    want = fmt_of(model) if fmt_of is not None else None
+    if want != format:
+        kind = q.describe_quantized(model) if hook(q, "describe_quantized") else name
+        raise CheckpointError(
+            f"the model was trained to be quantized as {kind} (plugin {name}), which format={format} cannot represent; "
+            + (f"use format={want}" if want else "use format=safetensors")
+        )
+    return q
+
+
+def _converter_names_of(model, plugin: str) -> list[str]:
+    from microgpt.plugins import NAMESPACE
+    from microgpt.registry import CONVERTER
+
+    out = []
+    for spec in model.config.converters:
+        n = spec.get("name")
+        if n in CONVERTER and CONVERTER.get(n).__module__.split(".")[:2] == [NAMESPACE, plugin]:
+            out.append(n)
+    return out
+
+
+def source_sha256(ckpt: str | os.PathLike) -> str:
+    """sha256 of the source: a file's bytes; for a directory model (exported, HF, an adapter's), the sha256 of
+    its files' `name\0sha256\n` lines in name order."""
+
+    def file_hash(f: Path) -> str:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    meta = adapter_meta(ckpt)
+    p = meta.parent if meta is not None else resolve_checkpoint(ckpt)
+    if p.is_file():
+        return file_hash(p)
+    h = hashlib.sha256()
+    for f in sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith(".")):
+        h.update(f"{f.name}\0{file_hash(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _score(model, tok, text: str, batch_size: int) -> dict[str, Any]:
+    from microgpt.evaluate import evaluate_text
+
+    return evaluate_text(model, tok, text, batch_size)
 
 
 # ---- entry points --------------------------------------------------------------------------------------
@@ -290,17 +470,31 @@ def export(
     overwrite: bool = False,
     dtype: str = "float32",
     quantize_embeddings: bool = True,
+    text: str | os.PathLike | None = None,
+    base: str | os.PathLike | None = None,
+    batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Export the model at `ckpt` to `out` in `format`; returns a summary with file sizes."""
+    """Export the model at `ckpt` to `out` in `format`; returns a summary with file sizes and the manifest."""
+    from microgpt.data.tokenizers import tokenizer_from_dict
+    from microgpt.io.checkpoint import load
+
     if format not in FORMATS:
         raise ConfigError(f"format={format!r} is unknown; choose one of {', '.join(FORMATS)}")
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
-    if format == "int8" and dtype != "float32":
-        raise ConfigError("format=int8 keeps its unquantized tensors in float32; leave dtype=float32")
-    from microgpt.data.tokenizers import tokenizer_from_dict
+    if dtype not in DTYPES and not (format == "gguf" and dtype in GGUF_DTYPES):
+        also = " (format=gguf also: q8_0)"
+        raise ConfigError(f"dtype={dtype!r} is unknown; choose one of {', '.join(DTYPES)}{also}")
+    if format in QUANTIZED_FORMATS and dtype != "float32":
+        raise ConfigError(f"format={format} keeps its unquantized tensors in float32; leave dtype=float32")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    score_text = None
+    if text is not None:
+        try:
+            score_text = Path(text).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"text={text} cannot be read ({type(e).__name__}); pass a UTF-8 text file") from None
 
-    ck = read_checkpoint(ckpt)
+    ck = read_checkpoint(ckpt, base)
     model = model_from_checkpoint(ck).eval()
     tok_rec = ck["hyper_parameters"].get("tokenizer")
     if tok_rec is None:
@@ -308,23 +502,55 @@ def export(
     tok = tokenizer_from_dict(tok_rec)
     plugins = dict(ck["hyper_parameters"].get("plugins") or {})
     del ck
-    # refuse what a format cannot hold before anything is written
-    if format in ("hf", "gguf"):
-        _blocked(model, format)
-    if format == "int8":
-        _check_plain(model)
+    model, baked = bake_for_export(model)
+    plugins = {k: v for k, v in plugins.items() if k not in baked}
+    # refuse what a format cannot hold before anything is scored or written
+    quantizer_plugin = plan(model, format)
+    # the source (baking computes the same function: merged adapters, applied masks), before any export rounding
+    source_val = _score(model, tok, score_text, batch_size) if score_text is not None else None
     with atomic_dir(out, overwrite) as tmp:
-        if format == "safetensors":
+        artifact = None
+        if quantizer_plugin is not None:
+            artifact = quantizer_plugin.QUANTIZED_ARTIFACT
+            scheme = quantizer_plugin.write_quantized(model, tmp / artifact, tok.to_dict(), plugins)["kind"]
+        elif format == "safetensors":
             write_safetensors(model, tok, tmp, plugins, dtype)
+            scheme = dtype
         elif format == "int8":
             write_int8(model, tok, tmp, plugins, quantize_embeddings)
+            scheme = INT8_SCHEME_NAME
         elif format == "hf":
             write_hf(model, tok, tmp, dtype)
+            scheme = dtype
         else:
             write_gguf(model, tok, tmp, dtype)
+            scheme = dtype
+        files = _files(tmp)
+        manifest: dict[str, Any] = {
+            "format": format,
+            "scheme": scheme,
+            "artifact": artifact,
+            "bytes": sum(files.values()),
+            "files": files,
+            "source": str(ckpt),
+            "source_sha256": source_sha256(ckpt),
+            "baked": baked,
+            "converters": [str(c.get("name")) for c in model.config.converters],
+        }
+        if score_text is not None:
+            exported, _ = load(tmp / artifact if artifact else tmp)  # as it deploys: what microgpt.load reads
+            ev = _score(exported, tok, score_text, batch_size)
+            manifest.update(
+                text=str(text),
+                val_loss=ev["val_loss"],
+                bits_per_byte=ev["bits_per_byte"],
+                val_tokens=ev["tokens"],
+                source_val_loss=source_val["val_loss"],
+            )
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         files = _files(tmp)
     fp32 = sum(v.numel() * 4 for v in model.state_dict().values())
-    total = sum(files.values())
+    total = manifest["bytes"]  # the model's files; manifest.json is the record of them
     return {
         "format": format,
         "out": str(Path(out).expanduser()),
@@ -332,6 +558,7 @@ def export(
         "bytes": total,
         "fp32_weights_bytes": fp32,
         "size_vs_fp32": round(total / fp32, 4),
+        "manifest": manifest,
     }
 
 
@@ -345,6 +572,9 @@ def main(cfg: DictConfig) -> None:
         overwrite=cfg.overwrite,
         dtype=cfg.dtype,
         quantize_embeddings=cfg.quantize_embeddings,
+        text=cfg.get("text"),
+        base=cfg.get("base"),
+        batch_size=cfg.get("batch_size", 16),
     )
     from microgpt.console import export_summary
 
@@ -360,7 +590,11 @@ if __name__ == "__main__":
 __all__ = [
     "FORMATS",
     "atomic_dir",
+    "bake_for_export",
     "export",
+    "gguf_state_dict",
+    "plan",
+    "source_sha256",
     "gguf_tensors",
     "int8_targets",
     "quantize_per_channel",
