@@ -608,6 +608,49 @@ def test_finetune_from_a_llama_dir_lowers_loss_keeps_the_tokenizer_and_exports(h
 
 
 @pytest.mark.slow
+def test_lora_on_a_llama_dir_trains_adapters_only_and_merges_back_to_transformers(hf_dirs, corpus, tmp_path):
+    """+plugin=lora on a Llama directory, unchanged: the base stays frozen, the adapter-only file rebuilds the
+    tuned model, and the merged export is a LlamaForCausalLM with the tuned model's logits."""
+    import subprocess
+    import sys
+
+    from microgpt.train import run
+    from tests.conftest import ROOT
+
+    h = hf_dirs["llama-gqa-llama3"]
+    f = tmp_path / "ft.txt"
+    f.write_text(corpus, encoding="utf-8")
+    over = ["experiment=finetune", f"init_from={h.dir}", f"data.path={f}", "model.block_size=32"]
+    over += ["model.dropout=0.0", "optimizer.lr=3e-3", "trainer.max_steps=20", "trainer.val_check_interval=20"]
+    res = run(compose([*over, "data.eval_batches=4", "+plugin=lora", "plugins.lora.dropout=0.0", *QUIET],
+                      output_dir=tmp_path / "run"))  # fmt: skip
+    base, _ = microgpt.load(h.dir)
+    tuned = res["module"].model.eval()
+    trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n for n in trainable), sorted(trainable)[:5]
+    x = ids(seed=12)
+    with torch.no_grad():
+        live = tuned(x)
+        assert (live - base(x)).abs().max().item() > 1e-3  # the adapters learned something
+    adapter = Path(res["output_dir"]) / "checkpoints" / "adapter.safetensors"
+    assert adapter.is_file() and adapter.stat().st_size < 0.2 * sum(p.numel() * 4 for p in base.parameters())
+    from_adapter, _ = microgpt.load(adapter, base=h.dir)
+    with torch.no_grad():
+        assert (from_adapter(x) - live).abs().max().item() <= 1e-5
+    merged = tmp_path / "merged"
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "plugins" / "lora" / "merge.py"), f"ckpt={res['last_ckpt']}", f"out={merged}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    export(str(merged), "hf", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(hf) is LlamaForCausalLM
+    with torch.no_grad():
+        assert (hf_logits(hf, x) - live).abs().max().item() <= TOL
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "student",
     [
