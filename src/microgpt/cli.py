@@ -12,7 +12,11 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from microgpt import lean_imports
 from microgpt.errors import MicroGPTError
+
+# every command imports this module before Lightning: torchmetrics then skips transformers/scipy/matplotlib
+lean_imports.install()
 
 # configs live at the repository root (`conf/`), next to `src/`; MICROGPT_CONF overrides
 CONF_DIR = Path(os.environ.get("MICROGPT_CONF", Path(__file__).resolve().parents[2] / "conf"))

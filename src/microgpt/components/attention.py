@@ -12,6 +12,8 @@ every matrix; q, k, v come from one fused matmul (faster on small models) laid o
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -87,9 +89,15 @@ class CausalSelfAttention(nn.Module):
         elif past == 0:
             is_causal = T > 1  # the fused kernels' own causal path: no mask tensor to build
         # past > 0 and T == 1 without a window: the one new query may see every cached key
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.attn_dropout if self.training else 0.0
-        )  # (B, nh, T, hd)
+        # bf16-mixed on a CPU: attention in fp32, the matmuls around it stay bf16 (torch's CPU bf16 attention
+        # backward is ~7x slower than fp32's at these sizes; bench/README.md, trainer.precision=auto)
+        fp32_attn = q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if fp32_attn:
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if fp32_attn else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.attn_dropout if self.training else 0.0
+            )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # re-assemble heads side by side
         return self.resid_dropout(self.proj(y))
 

@@ -347,13 +347,17 @@ def build_trainer(cfg: DictConfig, ckpt_path: str | None, extra_callbacks: list 
     cannot resume."""
     import lightning as L
 
+    from microgpt.training.precision import resolve_precision
     from microgpt.training.strategies import check_resume
 
     loggers = build_loggers(cfg)
     callbacks = [*build_callbacks(cfg), *extra_callbacks]
     if not loggers:  # Lightning refuses an LR monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
-    trainer = build_from_config(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    precision = resolve_precision(cfg.trainer)  # `auto`: bf16-mixed where the hardware has bf16 arithmetic
+    trainer = build_from_config(
+        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, precision=precision
+    )
     check_resume(ckpt_path, trainer.strategy)
     return trainer
 

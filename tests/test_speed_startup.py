@@ -1,0 +1,147 @@
+"""Speed parts outside the model's arithmetic: trainer.precision=auto (which precision for which machine, the
+fp32 attention under CPU bf16 autocast), the lean start-up (torchmetrics without transformers/scipy/matplotlib)
+and bench/gpu.sh's CPU dry run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import PY, ROOT
+from omegaconf import OmegaConf
+
+from microgpt.components.attention import CausalSelfAttention
+from microgpt.config import GPTConfig
+from microgpt.training.precision import choose_precision, resolve_precision
+
+AMX = ["fpu", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+AVX2 = ["fpu", "avx2", "fma"]
+
+
+# ---- trainer.precision=auto ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw, want",
+    [
+        (dict(flags=AMX, cuda=False), "bf16-mixed"),
+        (dict(flags=["avx512f", "avx512_bf16"], cuda=False), "bf16-mixed"),  # Zen 4/5: AVX-512 bf16, no AMX
+        (dict(flags=AVX2, cuda=False), "32-true"),  # bf16 would be emulated: much slower
+        (dict(flags=AMX, cuda=False, devices=2, strategy="ddp"), "32-true"),  # CPU DDP keeps its tested precision
+        (dict(flags=AMX, cuda=False, strategy={"_target_": "microgpt.training.strategies.deepspeed"}), "32-true"),
+        (dict(flags=AVX2, cuda=True, cuda_bf16=True), "bf16-mixed"),
+        (dict(flags=AVX2, cuda=True, cuda_bf16=False), "32-true"),
+        (dict(flags=AMX, cuda=True, cuda_bf16=True, accelerator="cpu"), "bf16-mixed"),
+        (dict(flags=AVX2, cuda=True, cuda_bf16=True, accelerator="cpu"), "32-true"),
+    ],
+)
+def test_auto_precision_follows_the_hardware(kw, want):
+    args = {k: kw.pop(k) for k in ("accelerator", "strategy", "devices") if k in kw}
+    precision, why = choose_precision(**args, **kw)
+    assert precision == want, why
+    assert why  # the reason goes into the log line
+
+
+def test_resolve_precision_logs_auto_and_keeps_explicit_values(caplog):
+    with caplog.at_level(logging.INFO, logger="microgpt"):
+        got = resolve_precision(OmegaConf.create({"precision": "auto", "accelerator": "cpu"}), flags=AMX, cuda=False)
+    assert got == "bf16-mixed"
+    line = [r.getMessage() for r in caplog.records if "precision=auto" in r.getMessage()]
+    assert len(line) == 1 and "bf16-mixed" in line[0] and "trainer.precision=32-true" in line[0]
+    caplog.clear()
+    for explicit in ("32-true", "bf16-mixed", "16-mixed", 32):
+        cfg = OmegaConf.create({"precision": explicit, "accelerator": "cpu"})
+        assert resolve_precision(cfg, flags=AMX if explicit == "32-true" else AVX2, cuda=False) == explicit
+    assert not caplog.records
+
+
+def test_baby_and_speedrun_presets_use_auto():
+    from conftest import compose
+
+    for exp in ("shakespeare_baby", "shakespeare_speedrun"):
+        assert compose([f"experiment={exp}"]).trainer.precision == "auto"
+    assert compose([]).trainer.precision == "32-true"  # other presets keep fp32 unless asked
+
+
+def test_attention_runs_in_fp32_under_cpu_bf16_autocast():
+    """Under CPU bf16 autocast the qkv and output projections are bf16 matmuls and the attention itself is
+    fp32: compared with a hand-written fp32 softmax attention over the same bf16 projections."""
+    torch.manual_seed(0)
+    c = GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=4, n_embd=32)
+    attn = CausalSelfAttention(c, n_kv_head=4).eval()
+    seen = []  # what reaches the output projection: the attention's result
+    attn.proj.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    x = torch.randn(2, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attn(x)
+        qkv = attn.qkv(x)
+    assert qkv.dtype == torch.bfloat16 and y.dtype == torch.bfloat16  # the projections: bf16 matmuls
+    q, k, v = (t.float().view(2, 9, 4, 8).transpose(1, 2) for t in qkv.split(32, dim=-1))
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    ref = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 9, 32)
+    att, out = seen[0]
+    assert att.dtype == torch.float32
+    torch.testing.assert_close(att, ref, rtol=1e-5, atol=1e-6)
+    assert out is y
+    # the same attention in bf16 (what autocast alone would run) is measurably different
+    bf = F.scaled_dot_product_attention(*(t.bfloat16() for t in (q, k, v)), is_causal=True)
+    assert (bf.float() - (scores.softmax(-1) @ v)).abs().max() > 1e-4
+    # gradients reach the fp32 weights through the fp32 attention
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x).float().square().sum().backward()
+    assert attn.qkv.weight.grad is not None and attn.qkv.weight.grad.dtype == torch.float32
+    assert torch.isfinite(attn.qkv.weight.grad).all() and attn.qkv.weight.grad.abs().sum() > 0
+
+
+# ---- lean start-up ------------------------------------------------------------------------------------
+
+_PROBE = r"""
+import importlib.util, json, sys
+import microgpt.cli  # what train.py imports first
+import lightning, torch
+from microgpt.training.metrics import LMMetrics
+m = LMMetrics(bytes_per_token=2.0)
+m.update(torch.tensor(1.5), 10); m.update(torch.tensor(3.0), 30)
+out = {k: float(v) for k, v in m.compute().items()}
+out["loaded"] = [n for n in ("transformers", "scipy", "matplotlib") if n in sys.modules]
+out["installed"] = [n for n in ("transformers", "scipy", "matplotlib") if importlib.util.find_spec(n)]
+if out["installed"]:
+    importlib.import_module(out["installed"][0])  # still importable afterwards, for whoever asks
+    out["later"] = out["installed"][0] in sys.modules
+print(json.dumps(out))
+"""
+
+
+def _probe(**env) -> dict:
+    p = subprocess.run(
+        [PY, "-c", _PROBE],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_lean_startup_keeps_torchmetrics_integrations_out_and_metrics_right():
+    lean = _probe(MICROGPT_LEAN_IMPORTS="1")
+    assert lean["loaded"] == []
+    # token-weighted mean: (1.5 * 10 + 3.0 * 30) / 40, by hand
+    assert lean["loss"] == pytest.approx(2.625)
+    assert lean["perplexity"] == pytest.approx(math.exp(2.625), rel=1e-6)
+    assert lean["bits_per_byte"] == pytest.approx(2.625 / math.log(2) / 2.0, rel=1e-6)
+    if lean["installed"]:
+        assert lean["later"] is True
+        # switched off, torchmetrics imports what it finds (the reason the switch exists)
+        full = _probe(MICROGPT_LEAN_IMPORTS="0")
+        assert set(full["loaded"]) & set(full["installed"]), full
+        assert full["loss"] == pytest.approx(2.625)
