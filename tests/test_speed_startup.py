@@ -145,3 +145,28 @@ def test_lean_startup_keeps_torchmetrics_integrations_out_and_metrics_right():
         full = _probe(MICROGPT_LEAN_IMPORTS="0")
         assert set(full["loaded"]) & set(full["installed"]), full
         assert full["loss"] == pytest.approx(2.625)
+
+
+def test_dynamo_exit_report_is_dropped_only_when_its_logger_drops_it():
+    import atexit
+    import logging
+
+    import torch._dynamo.utils as dyn_utils
+
+    from microgpt.lean_imports import skip_dynamo_exit_report
+
+    report = dyn_utils.dump_compile_times
+    logger = logging.getLogger("torch._dynamo.utils")
+    old = logger.level
+    try:
+        atexit.register(report)  # registered once more: the count below is ours to see
+        n = atexit._ncallbacks()
+        logger.setLevel(logging.INFO)  # someone reads the report (TORCH_LOGS): it stays
+        skip_dynamo_exit_report()
+        assert atexit._ncallbacks() == n
+        logger.setLevel(logging.WARNING)
+        skip_dynamo_exit_report()
+        assert atexit._ncallbacks() < n  # every registration of the report is gone
+    finally:
+        logger.setLevel(old)
+        atexit.register(report)  # leave the process as torch set it up

@@ -113,3 +113,15 @@ def install() -> bool:
         return True
     sys.meta_path.insert(0, LeanFinder())
     return True
+
+
+def skip_dynamo_exit_report() -> None:
+    """torch._dynamo registers an atexit report of compile times; it formats the table (importing `tabulate`,
+    ~0.1-0.3 s at exit) even when its logger discards it. Unregister it when that logger would discard it."""
+    import atexit
+    import logging
+
+    utils = sys.modules.get("torch._dynamo.utils")
+    report = getattr(utils, "dump_compile_times", None)
+    if report is not None and not logging.getLogger("torch._dynamo.utils").isEnabledFor(logging.INFO):
+        atexit.unregister(report)

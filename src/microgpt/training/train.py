@@ -26,6 +26,7 @@ from microgpt import console
 from microgpt.config import GPTConfig
 from microgpt.errors import CheckpointError, ConfigError, MicroGPTError, first_line
 from microgpt.io.checkpoint import read_checkpoint
+from microgpt.lean_imports import skip_dynamo_exit_report
 from microgpt.plugin_hints import model_plugins
 from microgpt.plugins import Preparer, check_plugins, load_plugins, plugin_origin
 
@@ -243,6 +244,7 @@ def _run(cfg: DictConfig, out_dir: Path, state: dict[str, bool]) -> dict[str, An
             raise safety.stopped from None
         raise
     wall_s = time.perf_counter() - t_fit
+    skip_dynamo_exit_report()  # no compile-time table formatted at exit for a logger that drops it
     result = summarize(trainer, module, out_dir)
     # the sample was printed at the end of training, by SafetyCallback (every rank generates, rank 0 prints)
     if trainer.is_global_zero:
