@@ -147,26 +147,20 @@ def test_lean_startup_keeps_torchmetrics_integrations_out_and_metrics_right():
         assert full["loss"] == pytest.approx(2.625)
 
 
+_EXIT_PROBE = r"""
+import atexit, logging, sys
+atexit.register(lambda: print("tabulate at exit:", "tabulate" in sys.modules))  # runs last (LIFO)
+if sys.argv[1] == "info":  # someone reads dynamo's logs (as TORCH_LOGS would): the report stays
+    logging.getLogger("torch._dynamo.utils").setLevel(logging.INFO)
+import torch._dynamo.utils
+from microgpt.lean_imports import skip_dynamo_exit_report
+skip_dynamo_exit_report()
+"""
+
+
 def test_dynamo_exit_report_is_dropped_only_when_its_logger_drops_it():
-    import atexit
-    import logging
-
-    import torch._dynamo.utils as dyn_utils
-
-    from microgpt.lean_imports import skip_dynamo_exit_report
-
-    report = dyn_utils.dump_compile_times
-    logger = logging.getLogger("torch._dynamo.utils")
-    old = logger.level
-    try:
-        atexit.register(report)  # registered once more: the count below is ours to see
-        n = atexit._ncallbacks()
-        logger.setLevel(logging.INFO)  # someone reads the report (TORCH_LOGS): it stays
-        skip_dynamo_exit_report()
-        assert atexit._ncallbacks() == n
-        logger.setLevel(logging.WARNING)
-        skip_dynamo_exit_report()
-        assert atexit._ncallbacks() < n  # every registration of the report is gone
-    finally:
-        logger.setLevel(old)
-        atexit.register(report)  # leave the process as torch set it up
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for level, formatted in (("default", False), ("info", True)):
+        p = subprocess.run([PY, "-c", _EXIT_PROBE, level], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert f"tabulate at exit: {formatted}" in p.stdout, (level, p.stdout)
