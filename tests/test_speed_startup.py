@@ -164,3 +164,33 @@ def test_dynamo_exit_report_is_dropped_only_when_its_logger_drops_it():
         p = subprocess.run([PY, "-c", _EXIT_PROBE, level], env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
         assert f"tabulate at exit: {formatted}" in p.stdout, (level, p.stdout)
+
+
+# ---- bench/gpu.sh's CPU dry run ------------------------------------------------------------------------
+
+
+def test_gpu_bench_dry_run_runs_every_step_on_the_cpu(tmp_path):
+    """bench/gpu.sh --dry-run: every GPU step's command, 2 steps of a tiny model on the CPU (DeepSpeed's config
+    composed only); each step reports its figures, and nothing goes into bench/results."""
+    before = sorted((ROOT / "bench" / "results").glob("gpu.*"))
+    p = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--out", str(tmp_path)],
+        env={**os.environ, "PYTHON": PY, "OMP_NUM_THREADS": "1", "GPU_BENCH_TIMEOUT_S": "570"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    runs = {r["name"]: r for r in doc["runs"]}
+    assert set(runs) == {"mini", "small", "ddp", "deepspeed", "speedrun"}
+    assert all(r["rc"] == 0 for r in runs.values()), runs
+    for name in ("mini", "small", "ddp"):
+        assert doc["summary"][name]["tok_s"] > 0 and doc["summary"][name]["params"] > 0
+        assert "trainer.precision=bf16-mixed" in runs[name]["command"]  # the GPU settings, tiny-CPU ones after
+        assert "compile=true" in runs[name]["command"] or name == "ddp"
+    assert runs["deepspeed"]["composed"] is True and "strategy=deepspeed" in runs["deepspeed"]["command"]
+    assert "experiment=shakespeare_speedrun_mini" in runs["speedrun"]["command"]
+    assert runs["speedrun"]["val"] and "speedrun" in doc["summary"]
+    assert doc["summary"]["speedrun"]["met"] is False  # two steps on the fixture: no claim about the goal
+    assert sorted((ROOT / "bench" / "results").glob("gpu.*")) == before
