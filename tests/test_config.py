@@ -303,7 +303,8 @@ def test_shakespeare_baby_matches_nanogpt():
     assert s.warmup_steps == 100 and s.decay_steps == 2000
     assert list(o.betas) == pytest.approx([0.9, 0.99]) and o.weight_decay == pytest.approx(0.1)
     assert cfg.decay_embeddings is True  # nanoGPT's configure_optimizers decays every 2-D parameter
-    assert t.gradient_clip_val == pytest.approx(1.0) and t.precision in ("32-true", "32", 32)
+    # precision=auto: fp32 like nanoGPT's CPU run, bf16-mixed only where the CPU has bf16 arithmetic (issue 9)
+    assert t.gradient_clip_val == pytest.approx(1.0) and t.precision == "auto"
     assert t.val_check_interval == 250 and t.max_steps == 2000
     assert t.accumulate_grad_batches == 1
     # 0.80M parameters at vocab 65, counted by hand: per block qkv 128*384 + proj 128^2 + mlp 2*128*512 +
