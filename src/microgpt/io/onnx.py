@@ -95,7 +95,9 @@ def onnx_blockers(model) -> list[str]:
 
 
 def check_onnx(model) -> None:
-    """Raise CheckpointError naming what format=onnx cannot hold (converters are plan()'s to refuse)."""
+    """Raise CheckpointError naming what format=onnx cannot hold (converters are plan()'s to refuse), or
+    ConfigError when the exporter's packages are missing."""
+    _require_exporter()
     bad = onnx_blockers(model)
     if bad:
         raise CheckpointError(
