@@ -206,7 +206,9 @@ if "onnx_test_noop" not in CONVERTER.names():
 
 def test_what_the_graph_cannot_hold_is_refused_naming_the_component(tok, tmp_path):
     ck = save_ckpt(tiny(tok, attention="onnx_test_attention"), tok, tmp_path / "a.ckpt")
-    with pytest.raises(CheckpointError, match=r"format=onnx cannot represent this model: attention=onnx_test_attention") as e:
+    with pytest.raises(
+        CheckpointError, match=r"format=onnx cannot represent this model: attention=onnx_test_attention"
+    ) as e:
         export(ck, "onnx", tmp_path / "out" / "a")
     assert "\n" not in str(e.value)
     ck = save_ckpt(tiny(tok, converters=[{"name": "onnx_test_noop"}]), tok, tmp_path / "c.ckpt")

@@ -379,12 +379,16 @@ class OnnxGPT:
             kv = [(int(h), int(hd)) for h, hd in rec["kv_shapes"]]
             self.tokenizer = tokenizer_from_dict(meta["tokenizer"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{d / EXPORT_META} is damaged ({type(e).__name__}: {e}); export the model again") from None
+            raise CheckpointError(
+                f"{d / EXPORT_META} is damaged ({type(e).__name__}: {e}); export the model again"
+            ) from None
         self.path = d / rec.get("file", ONNX_FILE)
         self.session = _session(self.path, threads)
         names = [i.name for i in self.session.get_inputs()]
         if names != io_names(len(kv))[0]:
-            raise CheckpointError(f"{self.path} does not have the inputs microgpt's export writes; export the model again")
+            raise CheckpointError(
+                f"{self.path} does not have the inputs microgpt's export writes; export the model again"
+            )
         self._runner = _Runner(self.session, kv)
         self.device = torch.device("cpu")
         self.training = False
