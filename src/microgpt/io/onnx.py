@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from microgpt.errors import CheckpointError, ConfigError, first_line
 
 ONNX_FILE = "model.onnx"
-OPSET = 18  # LayerNormalization (17) and ReduceMean-with-axes-input (18); onnxruntime >= 1.14 runs it
+OPSET = 18  # has every op the graph needs (LayerNormalization is 17); older than the newest, so more runtimes take it
 INSTALL_HINT = "pip install 'microgpt[onnx]'"
 # Max |onnxruntime - torch| allowed on the sample batch's fp32 logits: TOL_ABS + TOL_REL * max|logits|. The two
 # runtimes compute the same float32 math with different kernels (matmul blocking, fused vs decomposed
@@ -100,9 +100,7 @@ def check_onnx(model) -> None:
     _require_exporter()
     bad = onnx_blockers(model)
     if bad:
-        raise CheckpointError(
-            f"format=onnx cannot represent this model: {'; '.join(bad)}; use format=safetensors or format=hf"
-        )
+        raise CheckpointError(f"format=onnx cannot represent this model: {'; '.join(bad)}; use format=safetensors")
 
 
 # ---- the graph -----------------------------------------------------------------------------------------
