@@ -298,10 +298,6 @@ def test_a_live_runs_lock_refuses_a_second_run_and_a_dead_ones_is_taken_over(tmp
             signal.SIGTERM,
             143,
             "ddp",
-            # passed in 2 of 3 clean CI runs, hung once: Lightning checks received_sigterm locally at the end of a
-            # batch as well as by its rank-0 broadcast, so rank 0 can stop one step before rank 1 (known defect,
-            # see docs/reliability.md); still run on every CI pass, a pass is reported as XPASS
-            marks=pytest.mark.xfail(strict=False, reason="intermittent rank skew on SIGTERM under DDP"),
         ),
     ],
     ids=["SIGTERM", "SIGINT", "SIGTERM-ddp-2-processes"],
