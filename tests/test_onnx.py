@@ -136,6 +136,12 @@ def test_onnxruntime_logits_match_torch_whole_and_through_the_kv_cache(variant, 
     wrong, _ = ort_run(sess, x[:, 20:23], None)
     assert np.abs(wrong - ref[:, 20:23]).max() > 1e-2
 
+    # every weight stored once (plus a few shape/scalar constants): a tied head is no second embedding table
+    import onnx
+
+    stored = sum(int(np.prod(t.dims)) for t in onnx.load(str(e.dir / "model.onnx")).graph.initializer)
+    assert stored <= sum(p.numel() for p in e.model.parameters()) + 100 < stored + e.model.wte.weight.numel()
+
     m = json.loads((e.dir / "manifest.json").read_text(encoding="utf-8"))
     assert m["format"] == "onnx" and m["scheme"] == "float32"
     assert m["source_sha256"] == hashlib.sha256(e.ckpt.read_bytes()).hexdigest()

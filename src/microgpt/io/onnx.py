@@ -165,7 +165,11 @@ class DecoderGraph(nn.Module):
             x = x + blk.mlp(blk.norm2(x))
             presents += [k, v]
         x = m.norm_f(x)
-        logits = F.linear(x, m.wte.weight) if m.lm_head is None else m.lm_head(x)
+        if m.lm_head is None:  # tied: a 2-D linear exports as Gemm(transB=1), reading the embedding table as it
+            # is; (B, T, C) @ W.t() would make the exporter fold a transposed second copy of W into the file
+            logits = F.linear(x.reshape(-1, x.shape[-1]), m.wte.weight).view(x.shape[0], x.shape[1], -1)
+        else:
+            logits = m.lm_head(x)
         if cfg.logit_softcap is not None:
             cap = cfg.logit_softcap
             logits = cap * torch.tanh(logits / cap)
