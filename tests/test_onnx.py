@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnxruntime as ort  # the dev extra installs it (microgpt[onnx]): a core test, never skipped
 import pytest
 import torch
 
@@ -29,7 +30,6 @@ from microgpt.export import export
 from microgpt.model import GPT
 from microgpt.registry import ATTENTION, CONVERTER
 
-ort = pytest.importorskip("onnxruntime")  # the dev extra installs it (microgpt[onnx])
 
 TOL = 1e-4
 VARIANTS = {
