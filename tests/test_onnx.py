@@ -30,7 +30,6 @@ from microgpt.export import export
 from microgpt.model import GPT
 from microgpt.registry import ATTENTION, CONVERTER
 
-
 TOL = 1e-4
 VARIANTS = {
     # GPT-2 style: learned positions, LayerNorm with biases, exact GELU, an untied head
