@@ -515,3 +515,38 @@ def test_generate_reads_the_prompt_from_a_file_or_stdin_whatever_its_characters(
     # the same text as prompt=... fails in Hydra's lexer (documented); with both given, one line says to pick one
     both = run_cli([*common, "prompt=x", f"prompt_file={tmp_path / 'prompt.txt'}"], cwd=tmp_path)
     assert both.returncode == 2 and both.stderr.strip().startswith("error: pass either prompt="), both.stderr
+
+
+# ---- exports on a full disk -----------------------------------------------------------------------------------
+
+_FULL_DISK_EXPORT = """
+import errno, runpy, sys
+import safetensors.torch as st
+
+def full(tensors, filename, metadata=None):  # half a file, then the disk is full
+    with open(filename, "wb") as f:
+        f.write(b"\\0" * 1000)
+    raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+st.save_file = full
+sys.argv = ["microgpt.export", *sys.argv[1:]]
+runpy.run_module("microgpt.export", run_name="__main__")
+"""
+
+
+def test_an_export_that_fills_the_disk_is_one_error_line_and_keeps_the_previous_export(tmp_path, text):
+    run = tmp_path / "run"
+    train_mod.run(compose(["model=nano", "data=text", f"data.path={text}", *QUIET, "trainer.max_steps=3"], run))
+    out = tmp_path / "export"
+    ok = run_cli(["-m", "microgpt.export", f"ckpt={run}", "format=safetensors", f"out={out}"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    cp = subprocess.run(
+        [PY, "-c", _FULL_DISK_EXPORT, f"ckpt={run}", "format=safetensors", f"out={out}", "overwrite=true"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert cp.returncode == 2, cp.stderr[-2000:]
+    lines = [ln for ln in cp.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "no space left" in lines[0] and "Traceback" not in cp.stderr, cp.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export, byte for byte
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written temp directory
