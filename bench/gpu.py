@@ -72,14 +72,15 @@ COMMON = ["callbacks=none", "logger=none", "print_sample=false"]
 
 
 def find_data(arg: str | None) -> tuple[Path, bool]:
-    """(text file, is it the full tiny Shakespeare)."""
-    if arg:
-        return Path(arg), True
-    for base in (ROOT, ROOT.parent, ROOT.parent.parent):
-        p = base / "shared" / "data" / "tinyshakespeare.txt"
-        if p.is_file():
-            return p, True
-    return FIXTURE, False
+    """(text file, is it the whole of tiny Shakespeare (1.1 MB), for which the 1.47 goal is set)."""
+    path = Path(arg) if arg else FIXTURE
+    if not arg:
+        for base in (ROOT, ROOT.parent, ROOT.parent.parent):
+            p = base / "shared" / "data" / "tinyshakespeare.txt"
+            if p.is_file():
+                path = p
+                break
+    return path, path.is_file() and path.stat().st_size > 1_000_000
 
 
 def peak_tflops(name: str) -> float:

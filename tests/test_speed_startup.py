@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PY, ROOT
+from conftest import PY, ROOT, SHAKESPEARE
 from omegaconf import OmegaConf
 
 from microgpt.components.attention import CausalSelfAttention
@@ -174,7 +174,7 @@ def test_gpu_bench_dry_run_runs_every_step_on_the_cpu(tmp_path):
     composed only); each step reports its figures, and nothing goes into bench/results."""
     before = sorted((ROOT / "bench" / "results").glob("gpu.*"))
     p = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--out", str(tmp_path)],
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--data", str(SHAKESPEARE), "--out", str(tmp_path)],
         env={**os.environ, "PYTHON": PY, "OMP_NUM_THREADS": "1", "GPU_BENCH_TIMEOUT_S": "570"},
         capture_output=True,
         text=True,
