@@ -95,18 +95,18 @@ def steps(data: Path, dry: bool) -> list[dict]:
     d = [f"data.path={data}"]
     bf16 = ["trainer.precision=bf16-mixed", "trainer.accelerator=gpu", "trainer.devices=1"]
     tput = ["trainer.max_steps=150", "trainer.val_check_interval=1000", "data.eval_batches=5"]
-    # time limits sum to 470 s: the whole call stays under 8 minutes with the machine's start
+    # time limits sum to 445 s: the whole call stays under 8 minutes with the machine's start
     mini = ["model=mini", "data=shakespeare", "data.tokenizer=char", "data.batch_size=64"]
     out = [
-        {"name": "mini", "args": [*mini, *bf16, "compile=true", *tput], "limit": 90},
+        {"name": "mini", "args": [*mini, *bf16, "compile=true", *tput], "limit": 85},
         {
             "name": "small",
             "args": ["model=small", "data=shakespeare", "data.tokenizer=char", "data.batch_size=32", *bf16]
             + ["compile=true", *tput],
-            "limit": 130,
+            "limit": 120,
         },
-        {"name": "ddp", "args": [*mini, "strategy=ddp", *bf16, *tput], "limit": 60},
-        {"name": "deepspeed", "args": [*mini, "strategy=deepspeed", *bf16, *tput], "limit": 80},
+        {"name": "ddp", "args": [*mini, "strategy=ddp", *bf16, *tput], "limit": 55},
+        {"name": "deepspeed", "args": [*mini, "strategy=deepspeed", *bf16, *tput], "limit": 75},
         {
             "name": "speedrun",
             "args": ["experiment=shakespeare_speedrun_mini", "trainer.accelerator=gpu", "trainer.devices=1"],

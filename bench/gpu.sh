@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=$(command -v python3)
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
-exec timeout --signal=TERM "${GPU_BENCH_TIMEOUT_S:-475}" "$PY" bench/gpu.py "$@"
+exec timeout --signal=TERM "${GPU_BENCH_TIMEOUT_S:-470}" "$PY" bench/gpu.py "$@"
