@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,3 +195,52 @@ def test_gpu_bench_dry_run_runs_every_step_on_the_cpu(tmp_path):
     assert runs["speedrun"]["val"] and "speedrun" in doc["summary"]
     assert doc["summary"]["speedrun"]["met"] is False  # two steps on the fixture: no claim about the goal
     assert sorted((ROOT / "bench" / "results").glob("gpu.*")) == before
+
+
+# ---- bench/vs_nanogpt.py: seeds for nanoGPT, the val comparison over seeds ----------------------------------
+
+
+def _vs_nanogpt():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import vs_nanogpt
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return vs_nanogpt
+
+
+def test_nanogpt_seed_config_redirects_its_fixed_seed(tmp_path):
+    """The config file handed to nanoGPT's configurator, run as it runs it (exec in train.py's globals): the
+    later `torch.manual_seed(1337 + seed_offset)` then seeds with N."""
+    import types
+
+    vs = _vs_nanogpt()
+    assert vs.nanogpt_seed_args(1337, tmp_path) == [] and vs.nanogpt_seed_args(None, tmp_path) == []
+    (path,) = vs.nanogpt_seed_args(7, tmp_path)
+    seeded = []
+    fake_torch = types.ModuleType("torch")
+    fake_torch.manual_seed = seeded.append
+    saved = sys.modules.get("torch")
+    sys.modules["torch"] = fake_torch
+    try:
+        train_globals = {"torch": fake_torch, "seed_offset": 0}
+        exec(open(path).read(), train_globals)  # what configurator.py does with a config file
+        exec("torch.manual_seed(1337 + seed_offset)", train_globals)  # nanoGPT train.py's seeding line
+    finally:
+        sys.modules["torch"] = saved
+    assert seeded == [7]
+
+
+def test_val_comparison_over_seeds_uses_nanogpts_spread():
+    vs = _vs_nanogpt()
+    nano = {1337: 1.886, 0: 1.880, 1: 1.892, 3: 1.878}
+    mean_n = sum(nano.values()) / 4
+    sd_n = (sum((v - mean_n) ** 2 for v in nano.values()) / 3) ** 0.5  # sample sd, by hand
+    close = vs.seed_stats({"nanoGPT": nano, "microgpt": {1337: 1.888, 0: 1.884, 1: 1.889, 3: 1.880}})
+    assert close["nanoGPT"]["mean"] == pytest.approx(mean_n) and close["nanoGPT"]["sd"] == pytest.approx(sd_n)
+    assert close["met"] is True
+    far = vs.seed_stats({"nanoGPT": nano, "microgpt": {s: v + 2 * sd_n for s, v in nano.items()}})
+    assert far["met"] is False and far["diff"] == pytest.approx(2 * sd_n)
+    assert vs.seed_stats({"nanoGPT": {1337: 1.88}, "microgpt": {1337: 1.88}})["met"] is None  # no spread, no verdict
+    lines, summary = vs.summarize([], [], {"nanoGPT": nano, "microgpt": nano})
+    assert summary["val_seeds"]["met"] is True and "within nanoGPT's 1 sd" in lines[-1]
