@@ -204,11 +204,14 @@ def run_microgpt(overrides: list[str], threads: int, timeout: float = 1800) -> d
     }
 
 
+LOADS: list[float] = []  # the 1-minute load average just before each run (uptime's first figure)
+
+
 def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
     """Wait up to max_wait s for other processes to use < threshold of the CPUs; returns their share."""
-    if max_wait <= 0:
-        return math.nan
-    return LoadMeter().wait_quiet(max_wait, threshold)
+    share = math.nan if max_wait <= 0 else LoadMeter().wait_quiet(max_wait, threshold)
+    LOADS.append(os.getloadavg()[0])
+    return share
 
 
 def machine_lines(mach: dict, others: list[float]) -> list[str]:
@@ -217,7 +220,8 @@ def machine_lines(mach: dict, others: list[float]) -> list[str]:
     return [
         f"CPU: {mach['cpu']} ({mach['nproc']} cores; flags: {mach['cpu_flags']}; torch CPU capability "
         f"{mach['torch_cpu_capability']}); torch {mach['torch']}, Lightning {mach['lightning']}.",
-        f"Other processes' CPU share before each run: {busy}.",
+        f"Other processes' CPU share before each run: {busy or 'not measured'}; 1-minute load average before each "
+        f"run: {', '.join(f'{x:.2f}' for x in LOADS) or 'not recorded'} ({mach['nproc']} cores).",
     ]
 
 
