@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/speedrun.py [--seeds 0 1 2] [--wait-quiet 120]
 
-Per seed, nanoGPT (../shared/tools/nanogpt-baseline.sh, unmodified) and microgpt's speedrun recipe run
-one after the other on the same machine, same text, same threads. Both val-loss curves are timed from
+Per seed, nanoGPT (../shared/tools/nanogpt-baseline.sh, unmodified; the seed reaches it as in vs_nanogpt.py)
+and microgpt's speedrun recipe run one after the other on the same machine, same text, same threads. Both val-loss curves are timed from
 process start (nanoGPT's by watching its log, microgpt's by bench/bench_clock.py). Reported, as medians
 over seeds:
   - t_match: the wall time at which microgpt's val loss first reaches nanoGPT's final val loss of the same
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     for s in a.seeds:
         others = [wait_quiet(a.wait_quiet)]
-        nano = run_nanogpt(a.threads)
+        nano = run_nanogpt(a.threads, seed=s)  # the same seed on both sides (nanoGPT's through its configurator)
         others.append(wait_quiet(a.wait_quiet))
         micro = run_microgpt([*RECIPE, *a.overrides, f"seed={s}"], a.threads)
         t_match = time_to_reach(micro["curve"], nano["val_loss"])
