@@ -877,7 +877,9 @@ def test_every_export_writes_a_manifest_and_loads_back_close_to_the_source(
     manifest = check_manifest(out, fmt, ck, model, tok, held_out, src)
     assert summary["manifest"] == manifest and summary["files"]["manifest.json"] > 0
     assert manifest["scheme"] == (
-        "int8 per-channel symmetric (weights only, dequantized on load)" if fmt == "int8" else dtype
+        "int8 per-channel symmetric weights, int8 dynamic activations (x86 int8 kernel on load)"
+        if fmt == "int8"
+        else dtype
     )
     assert manifest["artifact"] is None and manifest["baked"] == [] and manifest["converters"] == []
     if fmt == "int8":
