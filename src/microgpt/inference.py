@@ -20,6 +20,7 @@ docs/deploy.md for what was measured against torchao's configs on this CPU and w
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,9 +47,32 @@ def _has_vnni() -> bool:
 REDUCE_RANGE = not _has_vnni()
 
 
+def _engines() -> tuple[str | None, str | None]:
+    """(engine for a few rows, engine for many rows): fbgemm's GEMV is the fastest at batch 1, oneDNN's GEMM
+    (AMX / VNNI) at prompt sizes (docs/deploy.md has the measurements)."""
+    have = torch.backends.quantized.supported_engines
+    small = next((e for e in ("fbgemm", "x86", "onednn") if e in have), None)
+    large = next((e for e in ("onednn", "x86", "fbgemm") if e in have), None)
+    return small, large
+
+
+SMALL_ENGINE, LARGE_ENGINE = _engines()
+LARGE_ROWS = 16  # activations with at least this many rows (tokens) go to LARGE_ENGINE's packed weight
+
+
+def _prepack(qw: torch.Tensor, bias: torch.Tensor | None, engine: str):
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        return torch.ops.quantized.linear_prepack(qw, bias)
+    finally:
+        torch.backends.quantized.engine = before
+
+
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale[:, None]).T + bias, computed by the x86 int8 kernel on dynamically quantized
-    activations. `q` int8 (out, in) and `scale` float32 (out,) are the exported tensors, used as they are."""
+    """y = x @ (q * scale[:, None]).T + bias, computed by an x86 int8 GEMM on dynamically quantized activations
+    (one scale per call). `q` int8 (out, in) and `scale` float32 (out,) are the exported tensors, used as they
+    are; they are packed once per engine (two int8 copies when the engines differ: half of bfloat16's bytes)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -59,7 +83,8 @@ class Int8Linear(nn.Module):
                 q.contiguous(), scale.to(torch.float64), torch.zeros(q.shape[0], dtype=torch.long), 0
             )
             b = None if bias is None else bias.detach().to(torch.float32)
-            self._packed = torch.ops.quantized.linear_prepack(qw, b)
+            self._packed = _prepack(qw, b, SMALL_ENGINE)
+            self._packed_large = self._packed if LARGE_ENGINE == SMALL_ENGINE else _prepack(qw, b, LARGE_ENGINE)
         # kept for state_dict / export: the exact int8 values and scales this layer runs
         self.register_buffer("q", q.contiguous(), persistent=False)
         self.register_buffer("scale", scale.to(torch.float32), persistent=False)
@@ -73,7 +98,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.float32)
-        y = torch.ops.quantized.linear_dynamic(x2, self._packed, REDUCE_RANGE)
+        packed = self._packed_large if x2.shape[0] >= LARGE_ROWS else self._packed
+        y = torch.ops.quantized.linear_dynamic(x2, packed, REDUCE_RANGE)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -177,6 +203,7 @@ def decode_step(
     x = model.pos(model.wte(idx), pos)  # (B, 1, C)
     rot = model.pos.rotary(pos)
     kpos = torch.arange(size, device=idx.device)[None, :]  # (1, size) vs the query's pos (1,)
+    filled = kpos <= pos  # (1, size): the filled positions, this one included
     B = idx.shape[0]
     for i in range(model.config.n_layer):
         block = model.layer(i)
@@ -192,9 +219,7 @@ def decode_step(
             q, k = apply_rotary(q, rot), apply_rotary(k, rot)
         ks[i].index_copy_(2, pos, k.to(ks[i].dtype))
         vs[i].index_copy_(2, pos, v.to(vs[i].dtype))
-        allowed = kpos <= pos  # (1, size): the filled positions, this one included
-        if a.window is not None:
-            allowed = allowed & (pos - kpos < a.window)
+        allowed = filled if a.window is None else filled & (pos - kpos < a.window)
         y = F.scaled_dot_product_attention(q, ks[i], vs[i], attn_mask=allowed, enable_gqa=nkv != nh)
         x = x + a.proj(y.transpose(1, 2).reshape(B, 1, nh * hd))
         x = x + block.mlp(block.norm2(x))
@@ -206,80 +231,104 @@ def decode_step(
     return logits[:, -1, :]
 
 
-class Decoder:
-    """Holds a model's decode step (compiled or not) so repeated generations reuse it."""
+MODES = ("eager", "trace", "compile")
+_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(shape, dtype, device): trace}
+_COMPILED = None
 
-    def __init__(self, model: GPT, compile: bool = False):
+
+class _Step(nn.Module):
+    """decode_step with flat tensor arguments, the form torch.jit.trace takes."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
         self.model = model
-        self.compile = compile
-        self._step = None
 
-    @property
-    def step(self):
-        if self._step is None:
-            self._step = decode_step
-            if self.compile:
-                self._step = torch.compile(decode_step, dynamic=False)
-        return self._step
-
-    @torch.inference_mode()
-    def stream(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield (B, 1) new tokens one at a time; the same tokens as `GPT.generate_stream`."""
-        model = self.model
-        if fast_decode_blocker(model) is not None:
-            yield from model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
-            return
-        cap = model.config.block_size
-        cache = Cache(model.config.n_layer)
-        logits = model(idx[:, -cap:], cache)[:, -1, :]
-        dtype = cache.layers[0].k.dtype
-        static = StaticCache(model, idx.shape[0], cap, dtype, idx.device)
-        static.fill(cache)
-        length = cache.length
-        del cache
-        seq = idx
-        for _ in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
-            yield nxt
-            seq = torch.cat([seq, nxt], dim=1)
-            if length + 1 > cap:  # context full: recompute over the last block_size tokens, as GPT does
-                logits = model(seq[:, -cap:])[:, -1, :]
-            else:
-                pos = torch.tensor([length], device=idx.device)
-                logits = self.step(model, static.k, static.v, nxt, pos)
-                length += 1
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        n = len(kv) // 2
+        return decode_step(self.model, list(kv[:n]), list(kv[n:]), idx, pos)
 
 
-def decoder(model: GPT, compile: bool = False) -> Decoder:
-    """The model's Decoder (cached on the model, one per compile setting)."""
-    key = "_microgpt_decoder_compiled" if compile else "_microgpt_decoder"
-    d = model.__dict__.get(key)
-    if d is None:
-        d = Decoder(model, compile)
-        model.__dict__[key] = d  # not a submodule: stays out of state_dict and .to()
-    return d
+def _traced(model: GPT, static: StaticCache, batch: int):
+    """decode_step recorded once by torch.jit.trace for this model, batch and cache shape: the ~20 operations
+    of a layer then run from TorchScript's C++ interpreter instead of Python (what eager decode spends most
+    of its time on at these sizes). The trace writes into whichever buffers it is given."""
+    k0 = static.k[0]
+    key = (batch, tuple(k0.shape), k0.dtype, k0.device)
+    per = _TRACES.setdefault(model, {})
+    if key not in per:
+        scratch = [torch.zeros_like(t) for t in static.k + static.v]  # tracing runs the step: not on the real cache
+        idx = torch.zeros(batch, 1, dtype=torch.long, device=k0.device)
+        pos = torch.zeros(1, dtype=torch.long, device=k0.device)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings: the shapes it bakes in are the key above
+                per[key] = torch.jit.trace(_Step(model), (idx, pos, *scratch), check_trace=False)
+        except Exception:  # an op TorchScript cannot record: run the step eagerly instead
+            per[key] = None
+    t = per[key]
+    if t is None:
+        return decode_step
+    return lambda model, ks, vs, idx, pos: t(idx, pos, *ks, *vs)
 
 
-def generate_stream(model, idx: torch.Tensor, max_new_tokens: int, compile: bool = False, **sampling):
-    """`GPT.generate_stream` through the static-cache decode step (falls back to it for other blocks)."""
-    return decoder(model, compile).stream(idx, max_new_tokens, **sampling)
+def _step_for(model: GPT, mode: str, static: StaticCache, batch: int):
+    global _COMPILED
+    if mode == "eager":
+        return decode_step
+    if mode == "trace":
+        return _traced(model, static, batch)
+    if _COMPILED is None:
+        _COMPILED = torch.compile(decode_step, dynamic=False)
+    return _COMPILED
+
+
+@torch.inference_mode()
+def generate_stream(
+    model,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    mode: str = "trace",
+) -> Iterator[torch.Tensor]:
+    """`GPT.generate_stream` through the static-cache decode step: yields (B, 1) new tokens one at a time,
+    the same tokens (same arithmetic, same sampler). mode: "trace" (default; torch.jit.trace of the step, a
+    one-off cost of about one step), "eager" (plain Python) or "compile" (torch.compile: tens of seconds to
+    compile, then the fastest float32 step). Models with blocks it does not cover run GPT.generate_stream."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if fast_decode_blocker(model) is not None:
+        yield from model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
+        return
+    cap = model.config.block_size
+    cache = Cache(model.config.n_layer)
+    logits = model(idx[:, -cap:], cache)[:, -1, :]
+    static = StaticCache(model, idx.shape[0], cap, cache.layers[0].k.dtype, idx.device)
+    static.fill(cache)
+    length = cache.length
+    del cache
+    step = None
+    seq = idx
+    for _ in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        yield nxt
+        seq = torch.cat([seq, nxt], dim=1)
+        if length + 1 > cap:  # context full: recompute over the last block_size tokens, as GPT does
+            logits = model(seq[:, -cap:])[:, -1, :]
+        else:
+            step = step or _step_for(model, mode, static, idx.shape[0])
+            logits = step(model, static.k, static.v, nxt, torch.tensor([length], device=idx.device))
+            length += 1
 
 
 __all__ = [
-    "Decoder",
+    "MODES",
     "Int8Embedding",
     "Int8Linear",
     "StaticCache",
     "decode_step",
-    "decoder",
     "fast_decode_blocker",
     "generate_stream",
     "int8_kernel_available",
