@@ -181,6 +181,10 @@ def bench_model(name: str, args, tok, data, val_windows, work: Path, log) -> dic
             pre_t[k].append(timed(f))
         log(f"{name}: repeat {r + 1}/{args.repeats} done")
     profile = {k: top_ops(prefill[k]) for k in ("fp32", "int8")}
+    dprofile = {
+        k: top_ops(lambda m=arts[k]: [None for _ in generate_stream(m, prompt, 32, temperature=0.0)])
+        for k in ("fp32", "int8")
+    }
     vl = {k: round(val_loss(m, val_windows), 4) for k, m in arts.items()}
     log(f"{name}: val loss {vl}")
     rows = []
@@ -208,6 +212,7 @@ def bench_model(name: str, args, tok, data, val_windows, work: Path, log) -> dic
         "training": tr,
         "compile_seconds": first.get("fp32 compile"),
         "prefill_profile": profile,
+        "decode_profile": dprofile,
         "rows": rows,
     }
 
@@ -342,6 +347,11 @@ def write_results(res: dict, out: Path) -> None:
     ]
     for m in res["models"]:
         for k, ops in m.get("prefill_profile", {}).items():
+            top = ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops[:6])
+            lines.append(f"- {m['model']} {k}: {top}")
+    lines += ["", "Where decode (trace mode, the 64-token prompt + 32 new tokens) spends its time, top operators:", ""]
+    for m in res["models"]:
+        for k, ops in m.get("decode_profile", {}).items():
             top = ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops[:6])
             lines.append(f"- {m['model']} {k}: {top}")
     if res.get("kernels"):
