@@ -5,8 +5,9 @@ operations (optionally compiled by `torch.compile`), and int8 models whose Linea
     for tok in generate_stream(model, idx, 200, temperature=0.8): ...
 
 The decode step does what `GPT.forward` does for one new token, on every built-in component: it writes the
-new key/value into a buffer of `block_size` positions per layer and attends over the buffer with a mask of
-the positions filled so far, so every step has the same shapes (one compiled graph, no `torch.cat` growth).
+new key/value into a preallocated buffer per layer (room for the prompt + the new tokens, at most `block_size`)
+and attends over the buffer with a mask of the positions filled so far, so every step has the same shapes (one
+trace or compiled graph, no `torch.cat` growth).
 The prompt goes through the model's own forward (with its dynamic cache) and is copied into the buffers; a
 full context is recomputed over the last `block_size` tokens exactly as `GPT.generate_stream` does. Models
 whose blocks are not the built-in ones (a plugin's attention or block) fall back to `GPT.generate_stream`.
