@@ -44,7 +44,7 @@ def stream_reply(model, tokenizer, fmt, ids: list[int], max_new_tokens: int, out
     """Generate after `ids` until an end-of-turn token or max_new_tokens, writing text to `out` as it comes."""
     from microgpt.inference import generate_stream  # static KV cache; int8 exports run their int8 kernels
 
-    device = next(model.parameters()).device
+    device = getattr(model, "device", None) or next(model.parameters()).device  # OnnxGPT: no parameters
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     new: list[int] = []
     shown = ""

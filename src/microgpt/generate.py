@@ -35,7 +35,7 @@ def stream_text(
     Decodes through microgpt.inference's static KV cache (compiled with `compile`); an int8 export runs
     its int8 kernels."""
     stopper = stopper or Stopper(end_of_text_id(tokenizer))
-    device = next(model.parameters()).device
+    device = getattr(model, "device", None) or next(model.parameters()).device  # OnnxGPT: no parameters
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:  # an empty prompt starts from token 0 (a newline for char models trained on text)
         ids = [0]
