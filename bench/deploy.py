@@ -23,7 +23,8 @@ on the first 90% of tests/fixtures/shakespeare.txt (character tokens, AdamW, bat
 Variants are interleaved within each repeat and the best (least disturbed) time is kept. With --kernels it
 also times one Linear of `small`'s shape (768 -> 3072) under each int8/int4 kernel this torch offers.
 If bench/results/llamacpp.json exists (rows {"model","artifact","decode_tok_s","prefill_tok_s","bytes"}),
-its rows join the table as llama.cpp rows. Writes bench/results/deploy.md, deploy.json and deploy.png.
+its rows join the table as llama.cpp rows (`--rewrite` adds them to the committed results without measuring
+again). Writes bench/results/deploy.md, deploy.json and deploy.png.
 """
 
 from __future__ import annotations
@@ -409,7 +410,16 @@ def main() -> None:
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "deploy.md")
+    ap.add_argument(
+        "--rewrite", action="store_true", help="only rewrite the .md/.png from the .json (+ llamacpp.json), no runs"
+    )
     args = ap.parse_args()
+    if args.rewrite:
+        res = json.loads(args.out.with_suffix(".json").read_text())
+        res["llamacpp"] = llamacpp_rows()
+        write_results(res, args.out)
+        plot(res, args.out.with_suffix(".png"))
+        return
     if len(args.train_seconds) < len(args.models):
         args.train_seconds += [args.train_seconds[-1]] * (len(args.models) - len(args.train_seconds))
     torch.set_num_threads(args.threads)
