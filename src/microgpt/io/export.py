@@ -11,7 +11,7 @@
                  channel, symmetric: q = round(w / s) in [-127, 127], s = max|w_row| / 127, stored as int8 +
                  float32 scales in model.safetensors; `microgpt.load(DIR)` runs them quantized: every Linear
                  (and the tied head) an int8 GEMM on activations quantized per call (microgpt.inference,
-                 docs/deploy.md), ~3x faster than float32 on an x86 CPU; `load(DIR, dequantize=True)`
+                 docs/deploy.md: 2-3x the float32 decode speed on an x86 CPU); `load(DIR, dequantize=True)`
                  gives the float model
                  A model trained to be quantized (a plugin's converter with a quantized artifact, e.g. qat's
                  int8 scheme): that plugin's artifact, real quantized weights, loaded as a quantized model
