@@ -12,7 +12,7 @@
                  float32 scales in model.safetensors; `microgpt.load(DIR)` runs them quantized: every Linear
                  (and the tied head) an int8 GEMM on activations quantized per call (microgpt.inference,
                  docs/deploy.md: 2-3x the float32 decode speed on an x86 CPU); `load(DIR, dequantize=True)`
-                 gives the float model
+                 gives the float model.
                  A model trained to be quantized (a plugin's converter with a quantized artifact, e.g. qat's
                  int8 scheme): that plugin's artifact, real quantized weights, loaded as a quantized model
     int4         a model trained for a 4-bit scheme (qat's 8da4w / int4_weight_only): its plugin's artifact
