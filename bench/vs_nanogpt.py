@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,22 @@ TOKENS_PER_STEP = 12 * 64  # the baby GPT's batch x block
 
 sys.path.insert(0, str(BENCH))
 from throughput import LoadMeter, machine  # noqa: E402  (same folder: CPU model, flags, load meter)
+
+TIME = shutil.which("time") or "/usr/bin/time"
+
+
+def _timed(cmd: list[str], rss_file: Path) -> list[str]:
+    """cmd under /usr/bin/time, which writes the peak RSS (KB) of cmd's process tree to rss_file. The harness's
+    own wait4 rusage is not used for it: a child forked from this process (which has imported torch) starts with
+    this process's pages, and Linux keeps that pre-exec high-water mark in the child's ru_maxrss."""
+    return [TIME, "-f", "%M", "-o", str(rss_file), *cmd] if Path(TIME).is_file() else cmd
+
+
+def _peak_rss_mb(rss_file: Path, ru) -> float:
+    try:
+        return int(rss_file.read_text().split()[-1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return ru.ru_maxrss / 1024
 
 
 def _wait(p: subprocess.Popen, timeout: float):
@@ -105,7 +122,9 @@ def run_nanogpt(
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "NANOGPT_WORK": str(work)}
     extra = [*(extra or []), *nanogpt_seed_args(seed, work.parent)]
     t0 = time.time()
-    p = subprocess.Popen(["bash", str(BASELINE), PY, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    rss_file = work.parent / f"{work.name}.rss"
+    cmd = _timed(["bash", str(BASELINE), PY, *extra], rss_file)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen: dict[str, float] = {}
     curve: list[tuple[float, int, float]] = []
     stop = threading.Event()
@@ -150,7 +169,7 @@ def run_nanogpt(
         "first_step_s": first_step,
         "tok_s": TOKENS_PER_STEP / (ms / 1000),
         "ms_per_step": ms,
-        "peak_rss_mb": ru.ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(rss_file, ru),
         "val_loss": float(m.group(2)),
         "curve": curve,
     }
@@ -175,8 +194,13 @@ def run_microgpt(overrides: list[str], threads: int, timeout: float = 1800) -> d
             f"hydra.run.dir={tmp}/run",
         ]
         t0 = time.time()
+        rss_file = Path(tmp) / "rss"
         p = subprocess.Popen(
-            [PY, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            _timed([PY, str(ROOT / "train.py"), *args], rss_file),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         drain = threading.Thread(target=p.stdout.read, daemon=True)  # keep the pipe from filling
         drain.start()
@@ -185,6 +209,7 @@ def run_microgpt(overrides: list[str], threads: int, timeout: float = 1800) -> d
         if rc != 0 or not clock.exists():
             raise RuntimeError(f"train.py {' '.join(args)} failed (rc {rc})")
         events = [json.loads(line) for line in clock.read_text().splitlines()]
+        peak_rss_mb = _peak_rss_mb(rss_file, ru)
     steps = [e for e in events if e["event"] == "step"]
     vals = [e for e in events if e["event"] == "val"]
     after_val = {v["step"] + 1 for v in vals}  # the step that follows a validation includes it: drop it
@@ -197,7 +222,7 @@ def run_microgpt(overrides: list[str], threads: int, timeout: float = 1800) -> d
         "first_step_s": first - t0,
         "tok_s": TOKENS_PER_STEP / (ms / 1000),
         "ms_per_step": ms,
-        "peak_rss_mb": ru.ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb,
         "val_loss": vals[-1]["val_loss"] if vals else math.nan,
         "curve": [(v["t"] - t0, v["step"], v["val_loss"]) for v in vals],
         "command": "python train.py " + " ".join(a for a in args if not a.startswith(("hydra.run", "+callbacks"))),
