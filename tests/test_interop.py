@@ -604,7 +604,10 @@ def test_gguf_of_a_char_model_in_float16(tmp_path):
     src = small_model(vocab=60, bias=False)
     export(save_ckpt(src, tok, tmp_path / "m.ckpt"), "gguf", tmp_path / "g", dtype="float16")
     r = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
-    assert r.fields["tokenizer.ggml.model"].contents() == "none"  # no llama.cpp tokenizer for characters
+    # characters as a byte-level BPE llama.cpp can tokenize: one token per character, ASCII needs no merge
+    assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert r.fields["tokenizer.ggml.tokens"].contents() == list(tok.chars)
+    assert r.fields["tokenizer.ggml.merges"].contents() == ["ĠĠ Ġ"]  # llama.cpp needs one: it never fires
     assert json.loads(r.fields["microgpt.tokenizer"].contents()) == tok.to_dict()
     t = {x.name: torch.from_numpy(x.data.copy()).reshape(tuple(reversed(x.shape.tolist()))) for x in r.tensors}
     sd = src.state_dict()
