@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime as dt
 import itertools
 import json
@@ -115,6 +116,17 @@ def torch_prefill(model: GPT, ids: list[int]) -> float:
     return time.perf_counter() - t0
 
 
+def tensor_types(path: Path) -> dict[str, str]:
+    """{2-D tensor name: GGML type} of a GGUF file, with each matrix's row length (ne[0])."""
+    import gguf
+
+    return {
+        t.name: f"{t.tensor_type.name} (rows of {int(t.shape[0])})"
+        for t in gguf.GGUFReader(path).tensors
+        if len(t.shape) == 2
+    }
+
+
 def cpu_info() -> dict:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -143,7 +155,7 @@ def main() -> None:
     tok = CharTokenizer.fit(text)
     ids = tok.encode(text[len(text) * 9 // 10 :])
     prompt, prefill_ids = ids[:PROMPT], ids[PROMPT : PROMPT + PREFILL]
-    rows, microgpt_rows = [], []
+    rows, microgpt_rows, quant_types = [], [], {}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         for name in args.models:
@@ -159,6 +171,20 @@ def main() -> None:
                 export(ck, "gguf", out, dtype=dtype)
                 f = out / "model.gguf"
                 llms[label] = (open_llama(llama_cpp, f, args.threads, cfg.block_size), f.stat().st_size)
+            # llama.cpp's own k-quant of our float32 file (llama-quantize ... Q4_K_M): rows that are not whole
+            # 256-blocks (QK_K) fall back to a 32-block type; the tensor types it chose are recorded
+            q4 = work / f"{name}-q4_k_m.gguf"
+            qp = llama_cpp.llama_model_quantize_default_params()
+            qp.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+            qp.nthread = args.threads
+            f32_file = str(work / f"{name}-float32" / "model.gguf").encode()
+            if llama_cpp.llama_model_quantize(f32_file, str(q4).encode(), ctypes.byref(qp)) != 0:
+                sys.exit(f"error: llama_model_quantize failed for {name}")
+            quant_types[name] = tensor_types(q4)
+            llms["gguf Q4_K_M (llama.cpp quantize)"] = (
+                open_llama(llama_cpp, q4, args.threads, cfg.block_size),
+                q4.stat().st_size,
+            )
             best: dict[str, dict[str, float]] = {k: {"decode": 1e9, "prefill": 1e9} for k in [*llms, "microgpt"]}
             for _ in range(args.repeats):  # interleaved: each repeat times every variant once
                 for label, (llm, _) in llms.items():
@@ -203,6 +229,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "llamacpp.json").write_text(json.dumps(rows, indent=1) + "\n")
+    res["q4_k_m_tensor_types"] = quant_types
     write_md(res, rows, microgpt_rows)
 
 
@@ -237,6 +264,21 @@ def write_md(res: dict, rows: list[dict], ours: list[dict]) -> None:
                 f"{r['prefill_tok_s'] / m['prefill_tok_s']:.2f}x | {r['bytes'] / 1e6:.2f} MB |"
             )
     lines += ["", "Models: " + "; ".join(f"{m['model']} {m['config']}" for m in ours), ""]
+    lines += [
+        "Tensor types `llama_model_quantize(..., Q4_K_M)` chose for each model's matrices (count over the layers). "
+        "Q4_K / Q6_K need rows (ne[0], the input width) of a multiple of 256 values (QK_K); narrower rows fall "
+        "back to a 32-block type (Q4_K -> Q5_0, Q6_K -> Q8_0), as docs/llamacpp.md explains:",
+        "",
+    ]
+    for name, types in res["q4_k_m_tensor_types"].items():
+        groups: dict[str, dict[str, int]] = {}
+        for k, v in types.items():
+            kind = k.split(".", 2)[2] if k.startswith("blk.") else k
+            groups.setdefault(kind, {})
+            groups[kind][v] = groups[kind].get(v, 0) + 1
+        parts = [f"`{k}` " + " + ".join(f"{n} x {v}" for v, n in g.items()) for k, g in groups.items()]
+        lines.append(f"- {name}: " + "; ".join(parts))
+    lines.append("")
     (RESULTS / "llamacpp.md").write_text("\n".join(lines))
 
 

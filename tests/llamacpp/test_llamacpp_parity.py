@@ -12,7 +12,9 @@ Opt-in (`make test-llamacpp`): see conftest.py.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +36,12 @@ except ImportError as e:  # only collected with MICROGPT_LLAMACPP=1 (conftest.py
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "fixtures" / "shakespeare.txt"
 BLOCK = 128
-F32_TOL = 1e-3  # issue 12: float32 logits match within 1e-3
+N_EMBD = int(os.environ.get("MICROGPT_LLAMACPP_N_EMBD", "64"))  # dev knob: the width of the test models
+# issue 12 asked float32 logits within 1e-3. llama.cpp's CPU GELU reads a float16 table (ggml-cpu GGML_GELU_FP16:
+# input and output rounded to float16, tanh approximation), which puts its MLP activations at float16 precision:
+# measured 2.9e-3 / 3.4e-3 max abs on these models' logits (up to ~10). Everything else is exact (EXACT_TOL).
+F32_TOL = 5e-3
+EXACT_TOL = 1e-4  # the same model with its MLP input zeroed (GELU(0) = 0 on both sides): measured 5e-6
 Q8_TOP1 = 0.99  # issue 12: q8_0 top-1 agreement on >= 99% of positions
 WINDOWS = 16  # held-out windows of BLOCK tokens: 2048 positions
 GREEDY_NEW = 96  # tokens generated greedily after a 32-token prompt (= BLOCK in all)
@@ -50,7 +57,7 @@ def _train(tok, vocab_size: int, train: str, steps: int, seed: int = 0) -> GPT:
     """A 2-layer GPT-2-shaped model (learned positions, LayerNorm, biases, GELU), AdamW on random windows."""
     data = torch.tensor(tok.encode(train))
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=vocab_size, block_size=BLOCK, n_layer=2, n_head=4, n_embd=64, bias=True)
+    cfg = GPTConfig(vocab_size=vocab_size, block_size=BLOCK, n_layer=2, n_head=4, n_embd=N_EMBD, bias=True)
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
@@ -161,7 +168,27 @@ def test_llama_cpp_float32_logits_match_microgpts(trained):
     diff = (got - ref).abs().max().item()
     print(f"\n{trained.kind} f32: max |llama.cpp - microgpt| = {diff:.2e} over {ref.shape[0] * ref.shape[1]} positions")
     assert diff <= F32_TOL, diff
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    # top-1 agrees wherever microgpt's top two are not within the float16 GELU's error of each other
+    top2 = ref.topk(2, dim=-1).values
+    decided = (top2[..., 0] - top2[..., 1]) > 2 * F32_TOL
+    assert decided.float().mean() > 0.9
+    assert torch.equal(got.argmax(-1)[decided], ref.argmax(-1)[decided])
+
+
+def test_everything_but_the_fp16_gelu_matches_exactly(trained, tmp_path):
+    """Embeddings, LayerNorms, attention, biases, the head: exact once the GELU's input is zero on both sides."""
+    model = copy.deepcopy(trained.model)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc.weight.zero_()
+            block.mlp.fc.bias.zero_()
+        ref = model(trained.windows[:4])
+    export(_save(model, trained.tok, tmp_path / "m.ckpt"), "gguf", tmp_path / "g")
+    got = _llama_logits(_llama(tmp_path / "g" / "model.gguf"), trained.windows[:4])
+    assert ref.abs().max() > 5
+    diff = (got - ref).abs().max().item()
+    print(f"\n{trained.kind} f32 without the MLP's GELU: max |llama.cpp - microgpt| = {diff:.2e}")
+    assert diff <= EXACT_TOL, diff
 
 
 def test_llama_cpp_q8_0_top1_agrees_with_microgpts_float32(trained):
