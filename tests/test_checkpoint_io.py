@@ -35,10 +35,10 @@ def test_safe_load_never_runs_code_and_names_the_damage(tmp_path):
 
 
 def test_format_probes_are_one_table_in_order(tmp_path):
-    assert [name for name, _, _ in FORMATS] == ["export", "hf", "gguf", "ckpt"]
-    export, hf, gguf, ckpt = (probe for _, probe, _ in FORMATS)
+    assert [name for name, _, _ in FORMATS] == ["onnx", "export", "hf", "gguf", "ckpt"]
+    onnx, export, hf, gguf, ckpt = (probe for _, probe, _ in FORMATS)
     (tmp_path / "microgpt.json").write_text("{}")
-    assert export(tmp_path) and not ckpt(tmp_path)
+    assert export(tmp_path) and not ckpt(tmp_path) and not onnx(tmp_path)
     f = tmp_path / "x.ckpt"
     f.write_bytes(b"")
     assert ckpt(f) and not export(f) and not hf(f) and not gguf(f)

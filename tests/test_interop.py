@@ -657,8 +657,8 @@ def test_exports_are_all_or_nothing(gpt2, tmp_path, monkeypatch):
     export(gpt2.dir, "safetensors", out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "microgpt.json", "model.safetensors"]
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["hf"]
-    with pytest.raises(ConfigError, match="format='onnx' is unknown"):
-        export(gpt2.dir, "onnx", tmp_path / "o")
+    with pytest.raises(ConfigError, match="format='tflite' is unknown"):
+        export(gpt2.dir, "tflite", tmp_path / "o")
 
 
 @pytest.mark.slow

@@ -157,3 +157,52 @@ def test_vocab_mismatch_is_a_clear_error(tmp_path, teacher):
     with pytest.raises(ConfigError, match="different tokenizer"):
         run(cfg)
     assert not (tmp_path / "z").exists()
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "js"])
+def test_divergence_counts_only_the_masked_positions(kind):
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 6, 7, generator=g), torch.randn(2, 6, 7, generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 0, 1], [1, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    picked = [(b, i) for b in range(2) for i in range(6) if mask[b, i]]
+    # the same divergence over just the picked rows (no mask) vs the full tensors with the mask
+    rows_s = torch.stack([s[b, i] for b, i in picked])
+    rows_t = torch.stack([t[b, i] for b, i in picked])
+    expected = distill.divergence(rows_s, rows_t, 1.5, kind).item()
+    assert distill.divergence(s, t, 1.5, kind, mask).item() == pytest.approx(expected, rel=1e-6)
+    assert distill.divergence(s, t, 1.5, kind).item() != pytest.approx(expected, rel=1e-3)  # the mask matters
+    none = distill.divergence(s, t, 1.5, kind, torch.zeros_like(mask))
+    assert none.item() == 0.0
+
+
+def test_the_kd_term_ignores_prompt_and_padding_positions_of_chat_batches():
+    """Teacher and student disagree only where labels are IGNORE_INDEX (-100): KD and CE see no difference."""
+    from microgpt.data.chat_template import IGNORE_INDEX
+
+    V = 5
+    y = torch.tensor([[IGNORE_INDEX, 2, 3, IGNORE_INDEX]])
+    x = torch.zeros_like(y)
+    student_logits = torch.zeros(1, 4, V)
+    teacher_logits = student_logits.clone()
+    teacher_logits[0, 0] = torch.tensor([9.0, -9, 0, 0, 0])  # differs only at unlabelled positions
+    teacher_logits[0, 3] = torch.tensor([0.0, 0, 0, 0, 7])
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward(self, idx, return_hidden=False):
+            return self.out
+
+    class Module:
+        global_step = 0
+        model = Fixed(student_logits)
+
+        def __call__(self, x):
+            return self.model(x)
+
+    obj = distill.DistillObjective(Fixed(teacher_logits), 1.0, 0.5, None, 0, "forward_kl", 0.0, {})
+    out = obj(Module(), (x, y))
+    assert out["kd"].item() == 0.0
+    assert out["ce"].item() == pytest.approx(math.log(V), rel=1e-6)  # uniform student on the 2 labelled tokens

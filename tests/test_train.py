@@ -195,6 +195,18 @@ def test_loss_goes_down_and_run_artifacts_are_written(trained):
     assert saved.trainer.max_steps == 60 and saved.model.n_embd == 32 and saved.data.source == "text"
 
 
+def test_finetune_trains_on_the_base_context_when_the_window_only_follows_the_preset(trained, small_text, tmp_path):
+    """experiment=finetune asks for 256-token windows; the nano base has 32 positions. data.block_size follows
+    the base (a warning says so); an explicit data.block_size beyond the base is one error naming both."""
+    base = trained["last_ckpt"]
+    over = ["experiment=finetune", f"init_from={base}", f"data.path={small_text}", *QUIET, "trainer.max_steps=2"]
+    res = train_mod.run(compose([*over, "data.eval_batches=2"], tmp_path / "ft"))
+    assert res["module"].model.config.block_size == 32
+    assert res["trainer"].datamodule.block_size == 32
+    with pytest.raises(Exception, match=r"data.block_size=64 exceeds model.block_size=32"):
+        train_mod.run(compose([*over, "data.block_size=64"], tmp_path / "ft2"))
+
+
 # ---- 3. exact resume ---------------------------------------------------------------------------------
 
 

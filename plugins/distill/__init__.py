@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from microgpt.data.chat_template import IGNORE_INDEX
 from microgpt.errors import ConfigError
 from microgpt.io.checkpoint import model_from_checkpoint, read_checkpoint
 
@@ -47,9 +48,18 @@ def check_config(cfg) -> None:
         raise ConfigError(f"plugins.distill.temperature must be > 0, got {d.temperature}")
 
 
-def divergence(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float, kind: str) -> torch.Tensor:
-    """Mean over tokens of D(teacher || student) between temperature-softened distributions, (..., V)."""
+def divergence(
+    s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float, kind: str, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over tokens of D(teacher || student) between temperature-softened distributions, (..., V).
+    `mask` (...,): only the True positions count (the positions the CE term is trained on: chat data leaves
+    prompts and padding out); all False gives 0."""
     V = s_logits.size(-1)
+    if mask is not None:
+        keep = mask.reshape(-1)
+        s_logits, t_logits = s_logits.reshape(-1, V)[keep], t_logits.reshape(-1, V)[keep]
+        if s_logits.numel() == 0:
+            return s_logits.sum() * 0.0
     s = F.log_softmax(s_logits.float().view(-1, V) / temperature, dim=-1)
     t = F.log_softmax(t_logits.float().view(-1, V) / temperature, dim=-1)
     if kind == "forward_kl":  # mass-covering: the student must cover everything the teacher considers
@@ -60,6 +70,15 @@ def divergence(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: floa
         m = torch.logsumexp(torch.stack([s, t]), dim=0) - math.log(2.0)
         per_tok = 0.5 * ((t.exp() * (t - m)).sum(-1) + (s.exp() * (s - m)).sum(-1))
     return per_tok.mean()
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """MSE over the positions of `mask` (B, T) only, (B, T, C) inputs; no mask: plain MSE."""
+    if mask is None:
+        return F.mse_loss(a, b)
+    if not bool(mask.any()):
+        return a.sum() * 0.0
+    return F.mse_loss(a[mask], b[mask])
 
 
 class DistillObjective:
@@ -89,14 +108,16 @@ class DistillObjective:
         with torch.no_grad():
             out = self.teacher(x, return_hidden=use_hidden)
         t_logits, t_hidden = out if use_hidden else (out, None)
-        ce = F.cross_entropy(s_logits.view(-1, s_logits.size(-1)), y.view(-1))
-        kd = divergence(s_logits, t_logits, self.temperature, self.kind) * self.temperature**2
+        ce = F.cross_entropy(s_logits.view(-1, s_logits.size(-1)), y.view(-1), ignore_index=IGNORE_INDEX)
+        labelled = y != IGNORE_INDEX  # the same positions as the CE term (chat data: replies only)
+        mask = None if bool(labelled.all()) else labelled
+        kd = divergence(s_logits, t_logits, self.temperature, self.kind, mask) * self.temperature**2
         a = self.alpha_at(module.global_step)
         loss = (1 - a) * ce + a * kd
         result = {"loss": loss, "ce": ce.detach(), "kd": kd.detach(), "logits": s_logits}
         if use_hidden:
             hid = sum(
-                F.mse_loss(module.distill_proj[str(si)](s_hidden[si]), t_hidden[ti].float())
+                _masked_mse(module.distill_proj[str(si)](s_hidden[si]), t_hidden[ti].float(), mask)
                 for si, ti in self.layer_map.items()
             ) / len(self.layer_map)
             loss = loss + self.hidden_weight * hid

@@ -42,7 +42,7 @@ def fit_context(fmt, system: str | None, turns: list[dict[str, str]], budget: in
 
 def stream_reply(model, tokenizer, fmt, ids: list[int], max_new_tokens: int, out: TextIO, **sampling) -> str:
     """Generate after `ids` until an end-of-turn token or max_new_tokens, writing text to `out` as it comes."""
-    device = next(model.parameters()).device
+    device = getattr(model, "device", None) or next(model.parameters()).device  # OnnxGPT: no parameters
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     new: list[int] = []
     shown = ""

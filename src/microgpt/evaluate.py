@@ -33,7 +33,7 @@ SPLITS = ("all", "val")
 def evaluate_model(model, batches: Iterable, bytes_per_token: float, max_batches: int | None = None) -> dict:
     """Token-weighted mean cross-entropy over `batches` of (x, y)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = getattr(model, "device", None) or next(model.parameters()).device  # OnnxGPT: no parameters
     nll, tokens = 0.0, 0
     for i, (x, y) in enumerate(batches):
         if max_batches is not None and i >= max_batches:

@@ -22,7 +22,7 @@ def stream_text(
     """Generate after `prompt`, writing text to `out` as it comes; returns the generated text.
     Stops early at the tokenizer's end-of-text token or a stop string (`stopper`; default: end-of-text)."""
     stopper = stopper or Stopper(end_of_text_id(tokenizer))
-    device = next(model.parameters()).device
+    device = getattr(model, "device", None) or next(model.parameters()).device  # OnnxGPT: no parameters
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:  # an empty prompt starts from token 0 (a newline for char models trained on text)
         ids = [0]

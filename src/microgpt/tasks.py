@@ -175,7 +175,7 @@ def read_task(task: str | Path, split: str = "test") -> tuple[dict[str, Any], li
 
 def _loglik(model, rows: list[list[int]], starts: list[int]) -> list[float]:
     """Sum of log P(row[t] | row[:t]) over t >= start, for each row (one batched forward, right-padded)."""
-    device = next(model.parameters()).device
+    device = getattr(model, "device", None) or next(model.parameters()).device  # OnnxGPT: no parameters
     T = max(len(r) for r in rows)
     x = torch.zeros(len(rows), T - 1, dtype=torch.long)
     y = torch.full((len(rows), T - 1), -100, dtype=torch.long)
@@ -190,7 +190,7 @@ def _loglik(model, rows: list[list[int]], starts: list[int]) -> list[float]:
 
 @torch.no_grad()
 def _greedy(model, prompt: list[int], max_new: int, stop: set[int]) -> list[int]:
-    device = next(model.parameters()).device
+    device = getattr(model, "device", None) or next(model.parameters()).device  # OnnxGPT: no parameters
     out: list[int] = []
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     for tok in model.generate_stream(idx, max_new, temperature=0.0):

@@ -83,7 +83,12 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
         pid = p.name[: -len(TEMP_SUFFIX)].rsplit(".", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             continue
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():  # a sharded checkpoint directory's (see atomic_sharded_saves)
+            import shutil
+
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         removed.append(p)
     if removed:
         log.info("removed %d unfinished temp file(s) of an earlier, interrupted write in %s", len(removed), d)
@@ -131,10 +136,25 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def _writes_directories(strategy) -> bool:
+    """Does this strategy write sharded checkpoint directories itself (DeepSpeed; FSDP / model parallel with
+    sharded state dicts)?"""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return True
+    if isinstance(strategy, FSDPStrategy):
+        return getattr(strategy, "_state_dict_type", "full") == "sharded"
+    if isinstance(strategy, ModelParallelStrategy):
+        return bool(getattr(strategy, "_save_distributed_checkpoint", True))
+    return False
+
+
 def use_atomic_checkpoints(trainer) -> bool:
     """Give the trainer's strategy an AtomicCheckpointIO when it saves through Lightning's plain TorchCheckpointIO
-    (single files: auto, ddp, and the consolidated files of the others). Sharded directories are written by the
-    strategy itself (DeepSpeed, torch.distributed.checkpoint) and are left as they are. Returns whether it did."""
+    (single files: auto, ddp, and the consolidated files of the others); a strategy that writes sharded
+    directories itself (DeepSpeed, torch.distributed.checkpoint) saves into a temp directory renamed into place
+    (`atomic_sharded_saves`). Returns whether it did either."""
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
     strategy = trainer.strategy
@@ -144,12 +164,70 @@ def use_atomic_checkpoints(trainer) -> bool:
             current = strategy.checkpoint_io
         except Exception:
             return False
+    if _writes_directories(strategy):
+        atomic_sharded_saves(strategy)
+        return True
     if type(current) is not TorchCheckpointIO:
         return False
     from microgpt.io.atomic import AtomicCheckpointIO
 
     strategy.checkpoint_io = AtomicCheckpointIO()
     return True
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename the complete `tmp` (a file or a directory) to `path`; an old `path` is renamed aside first and
+    removed after. Between the two renames `path` is missing for an instant, never half-written."""
+    import shutil
+
+    old = None
+    if path.exists() or path.is_symlink():
+        old = path.with_name(f".{path.name}.old.{os.getpid()}{TEMP_SUFFIX}")
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def atomic_sharded_saves(strategy) -> None:
+    """Make a strategy that writes checkpoint *directories* itself (DeepSpeed, FSDP/distcp) write them atomically:
+    every rank saves into `.<name>.<pid of rank 0>.microgpt-tmp` beside the target, and once all have finished,
+    global rank 0 renames it over the target (on a filesystem that is not shared, each node's first rank renames
+    its own copy). Saving in place instead overwrote the old shards one by one, so a kill during the save left
+    the old metadata over a mix of old and new shards, which `ckpt_path=last` could not tell from a good one."""
+    if getattr(strategy, "_microgpt_atomic_sharded", False):
+        return
+    inner = strategy.save_checkpoint
+
+    def save_checkpoint(checkpoint, filepath, storage_options=None):
+        import shutil
+
+        path = Path(filepath)
+        pid = strategy.broadcast(os.getpid(), src=0)  # one temp name for all ranks
+        tmp = path.with_name(f".{path.name}.{pid}{TEMP_SUFFIX}")
+        first_on_node = strategy.local_rank == 0
+        if first_on_node and tmp.exists():  # left by an earlier failed save of this process
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+        strategy.barrier("microgpt.atomic_sharded_saves.start")
+        try:
+            inner(checkpoint, tmp, storage_options)
+        except BaseException:
+            if first_on_node:
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            raise
+        strategy.barrier("microgpt.atomic_sharded_saves.saved")
+        if strategy.is_global_zero:
+            _swap_into_place(tmp, path)
+        strategy.barrier("microgpt.atomic_sharded_saves.renamed")
+        if first_on_node and not strategy.is_global_zero and tmp.exists():  # this node's disk is its own
+            _swap_into_place(tmp, path)
+        strategy.barrier("microgpt.atomic_sharded_saves.done")
+
+    strategy.save_checkpoint = save_checkpoint
+    strategy._microgpt_atomic_sharded = True
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "out") -> None:

@@ -248,6 +248,18 @@ def read_gguf(p: Path) -> dict[str, Any]:
     return gguf_state_dict(_gguf_file(p))
 
 
+def _is_onnx_dir(p: Path) -> bool:
+    from microgpt.io.onnx import is_onnx_dir
+
+    return is_onnx_dir(p)
+
+
+def _refuse_onnx_dir(p: Path) -> dict[str, Any]:
+    from microgpt.io.onnx import refuse_onnx_dir
+
+    return refuse_onnx_dir(p)
+
+
 def _is_hf_dir(p: Path) -> bool:
     from microgpt.io.hf import is_hf_dir
 
@@ -265,6 +277,7 @@ def _read_hf_dir(p: Path) -> dict[str, Any]:
 # "plugins"}}. (Sharded FSDP/DeepSpeed directories are io/consolidate.py's: train resumes them, and
 # `python -m microgpt.consolidate` turns them into a .ckpt.)
 FORMATS: list[tuple[str, Callable[[Path], bool], Callable[[Path], dict[str, Any]]]] = [
+    ("onnx", _is_onnx_dir, _refuse_onnx_dir),  # format=onnx: a graph for onnxruntime (load() runs it), no weights
     ("export", is_export_dir, read_export_dir),  # python -m microgpt.export: safetensors / int8 + microgpt.json
     ("hf", _is_hf_dir, _read_hf_dir),  # a Hugging Face model directory (config.json + weights)
     ("gguf", is_gguf, read_gguf),  # python -m microgpt.export format=gguf: model.gguf (or a .gguf file)
@@ -315,10 +328,15 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", base
     path: a .ckpt, a run directory, an exported directory (every `microgpt.export` format), a local HF GPT-2
     directory, or a LoRA adapter (directory / adapter.safetensors) applied to `base` (default: the base it
     recorded). A plugin's quantized artifact (a `format=int8|int4` export of a model trained to be quantized,
-    or the file itself) comes back as the quantized model its plugin's `load_quantized` builds.
+    or the file itself) comes back as the quantized model its plugin's `load_quantized` builds; an ONNX export as
+    an `OnnxGPT` (io/onnx.py) running in onnxruntime.
     """
     from microgpt.data.tokenizers import tokenizer_from_dict
 
+    if not (isinstance(path, str) and path.startswith("hf:")) and _is_onnx_dir(Path(path).expanduser()):
+        from microgpt.io.onnx import load_onnx
+
+        return load_onnx(Path(path).expanduser(), map_location)  # a model over an onnxruntime session
     artifact = quantized_artifact(path)
     if artifact is not None:
         from microgpt.plugins import artifact_reader

@@ -1,6 +1,6 @@
 """Export a model out of microgpt, one command for every artifact:
 
-    python -m microgpt.export ckpt=PATH format=safetensors|hf|int8|int4|gguf out=DIR [text=FILE] [base=BASE]
+    python -m microgpt.export ckpt=PATH format=safetensors|hf|int8|int4|gguf|onnx out=DIR [text=FILE] [base=BASE]
 
     safetensors  model.safetensors + microgpt.json (config, tokenizer); `microgpt.load(DIR)` reloads it
     hf           a transformers directory `AutoModelForCausalLM.from_pretrained(DIR)` loads: GPT-2's layout
@@ -15,6 +15,10 @@
     int4         a model trained for a 4-bit scheme (qat's 8da4w / int4_weight_only): its plugin's artifact
     gguf         model.gguf for the `gpt2` architecture (llama.cpp's tensor names, metadata and BPE vocab),
                  dtype=float32 | float16 | q8_0; `microgpt.load(DIR)` reads it back
+    onnx         model.onnx (opset 18, dynamic batch/sequence, past/present key-value inputs/outputs for cached
+                 decoding) + microgpt.json, checked in onnxruntime against the torch logits before it is kept
+                 (the measured max difference goes into the manifest); `microgpt.load(DIR)` returns a model
+                 backed by an onnxruntime session (io/onnx.py, docs/onnx.md; needs `pip install 'microgpt[onnx]'`)
 
 PATH is anything `microgpt.load` accepts (a .ckpt, a run dir, an exported dir, an HF GPT-2 or Llama-family dir,
 a LoRA adapter: its base is the recorded one or `base=`). Plugin converters are first folded into plain
@@ -65,7 +69,7 @@ from microgpt.io.hf import (
     state_dict_to_llama,
 )
 
-FORMATS = ("safetensors", "hf", "int8", "int4", "gguf")
+FORMATS = ("safetensors", "hf", "int8", "int4", "gguf", "onnx")
 QUANTIZED_FORMATS = ("int8", "int4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF_DTYPES = ("float32", "float16", "q8_0")  # q8_0: llama.cpp's blocks of 32 int8 values + a float16 scale
@@ -457,6 +461,10 @@ def plan(model, format: str):
     if format in ("hf", "gguf"):
         _blocked(model, format)  # names every component (converters included) the architecture lacks
         return None
+    if format == "onnx":
+        from microgpt.io.onnx import check_onnx
+
+        check_onnx(model)  # names a component the graph cannot hold; converters are refused below
     if format == "safetensors":
         return None  # plain tensors: the remaining converters are recorded and rebuilt on load
     if q is None:
@@ -574,6 +582,7 @@ def export(
     source_val = _score(model, tok, score_text, batch_size) if score_text is not None else None
     with atomic_dir(out, overwrite) as tmp:
         artifact = None
+        extra: dict[str, Any] = {}  # the writer's own manifest record (onnx: the runtime check)
         if quantizer_plugin is not None:
             artifact = quantizer_plugin.QUANTIZED_ARTIFACT
             scheme = quantizer_plugin.write_quantized(model, tmp / artifact, tok.to_dict(), plugins)["kind"]
@@ -585,6 +594,11 @@ def export(
             scheme = INT8_SCHEME_NAME
         elif format == "hf":
             write_hf(model, tok, tmp, dtype)
+            scheme = dtype
+        elif format == "onnx":
+            from microgpt.io.onnx import write_onnx
+
+            extra["onnx"] = write_onnx(model, tok, tmp, plugins, dtype)
             scheme = dtype
         else:
             write_gguf(model, tok, tmp, dtype)
@@ -600,6 +614,7 @@ def export(
             "source_sha256": source_sha256(ckpt),
             "baked": baked,
             "converters": [str(c.get("name")) for c in model.config.converters],
+            **extra,
         }
         if score_text is not None:
             exported, _ = load(tmp / artifact if artifact else tmp)  # as it deploys: what microgpt.load reads

@@ -277,9 +277,13 @@ class SafetyCallback(L.Callback):
         self.stopped: StoppedBySignal | None = None
         self._old: dict[int, Any] = {}
 
-    # -- signals: Lightning turns SIGTERM into `trainer.received_sigterm`, broadcast from rank 0 at every step
-    #    and raised as SIGTERMException at the next step boundary; SIGINT joins the same path here. The
-    #    checkpoint is saved in on_exception, on every rank (sharded strategies save collectively).
+    # -- signals: the handler only records the signal. Lightning stops on `trainer.received_sigterm` (raising
+    #    SIGTERMException at the next step boundary), but it reads that flag on each rank separately at several
+    #    points, and its own SIGTERM handler runs a collective from inside the handler; a rank that sees the flag
+    #    one step before another leaves the other waiting in a collective forever. So the flag is set here, on
+    #    every rank at once: alone, as soon as the signal comes; with several ranks, at the end of a step, after
+    #    one all-reduce (max) of "did this rank get a signal". One rank receiving it is enough. The checkpoint
+    #    is saved in on_exception, on every rank (sharded strategies save collectively).
     def on_train_start(self, trainer, pl_module) -> None:
         import threading
 
@@ -310,11 +314,8 @@ class SafetyCallback(L.Callback):
                         file=sys.stderr,
                         flush=True,
                     )
-            prev = self._old.get(signum)
-            if signum == signal.SIGTERM and callable(prev):
-                prev(signum, frame)  # Lightning's: tells the other ranks, sets received_sigterm
-            else:
-                conn.received_sigterm = True
+            if trainer.world_size == 1:
+                conn.received_sigterm = True  # several ranks: agreed on in on_train_batch_end
 
         for s in (signal.SIGTERM, signal.SIGINT):
             self._old[s] = signal.getsignal(s)
@@ -350,10 +351,26 @@ class SafetyCallback(L.Callback):
 
     # -- always validate (and so checkpoint) at the end: Lightning validates after a step that sets should_stop
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.world_size > 1:
+            signum = self._agreed_signal(trainer)
+            if signum:
+                self.signum = self.signum or signum  # a rank the signal did not reach reports the same one
+                trainer._signal_connector.received_sigterm = True  # every rank, the same step
         max_steps = trainer.max_steps
         if max_steps is not None and 0 < max_steps <= trainer.global_step:
             # a no-op when this step validates anyway; otherwise the one validation of a short run
             trainer.should_stop = True
+
+    def _agreed_signal(self, trainer) -> int:
+        """The largest signal number any rank received (0: none), by one all-reduce every rank joins."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.signum or 0
+        flag = torch.tensor([self.signum or 0], device=trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_signals()

@@ -281,7 +281,36 @@ def resolve_start(cfg: DictConfig) -> Start:
 
         start.init_model, init_tok = load(cfg.init_from)
         start.tokenizer = start.tokenizer or init_tok
+    if cfg.get("init_from"):
+        base = start.init_model.config.block_size if start.init_model is not None else None
+        if base is None and start.ckpt is not None:  # resuming a fine-tune: the checkpoint holds the base's shape
+            base = start.ckpt["hyper_parameters"]["model"].get("block_size")
+        _fit_data_to_base(cfg, base)
     return start
+
+
+def _fit_data_to_base(cfg: DictConfig, base_block_size: int | None) -> None:
+    """A fine-tune keeps its base's architecture, so a data.block_size that only follows the preset's
+    model.block_size (the default `${model.block_size}`) follows the base's instead; one set explicitly is kept
+    (and checked against the base in build_model_config)."""
+    data = cfg.get("data")
+    if base_block_size is None or data is None or "block_size" not in data:
+        return
+    if not OmegaConf.is_interpolation(data, "block_size") or data.block_size <= base_block_size:
+        return
+    from omegaconf import open_dict
+
+    wanted = data.block_size
+    with open_dict(cfg):
+        cfg.data.block_size = base_block_size
+    log.warning(
+        "init_from: the base model's context is %d tokens, less than model.block_size=%d; training on windows of %d "
+        "(set model.block_size=%d to silence this)",
+        base_block_size,
+        wanted,
+        base_block_size,
+        base_block_size,
+    )
 
 
 def build_model_config(cfg: DictConfig, start: Start, dm) -> GPTConfig:
