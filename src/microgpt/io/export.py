@@ -13,8 +13,9 @@
                  A model trained to be quantized (a plugin's converter with a quantized artifact, e.g. qat's
                  int8 scheme): that plugin's artifact, real quantized weights, loaded as a quantized model
     int4         a model trained for a 4-bit scheme (qat's 8da4w / int4_weight_only): its plugin's artifact
-    gguf         model.gguf for the `gpt2` architecture (llama.cpp's tensor names, metadata and BPE vocab),
-                 dtype=float32 | float16 | q8_0; `microgpt.load(DIR)` reads it back
+    gguf         model.gguf for llama.cpp's `gpt2` architecture (its tensor names and metadata; bpe, char and
+                 byte tokenizers as a byte-level BPE vocabulary llama.cpp tokenizes like microgpt),
+                 dtype=float32 | float16 | q8_0; `microgpt.load(DIR)` reads it back (docs/llamacpp.md)
     onnx         model.onnx (opset 18, dynamic batch/sequence, past/present key-value inputs/outputs for cached
                  decoding) + microgpt.json, checked in onnxruntime against the torch logits before it is kept
                  (the measured max difference goes into the manifest); `microgpt.load(DIR)` returns a model
