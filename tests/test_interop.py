@@ -695,7 +695,9 @@ def test_export_cli_prints_sizes_and_fails_in_one_line(gpt2, corpus, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert summary["manifest"] == manifest and manifest["text"] == str(text)
     loss, n = text_loss(microgpt.load(out)[0], microgpt.load(out)[1], text)
-    assert manifest["val_tokens"] == n and manifest["val_loss"] == pytest.approx(loss, rel=1e-5)
+    # int8 runs int8 GEMMs with one activation scale per call (docs/deploy.md): the loss depends a little on
+    # the batching (batch_size=4 here vs text_loss's), measured 1e-3 nats on this random-init model
+    assert manifest["val_tokens"] == n and manifest["val_loss"] == pytest.approx(loss, abs=3e-3)
     assert summary["bytes"] < 0.4 * summary["fp32_weights_bytes"]
     r = run_cli(
         ["-m", "microgpt.export", f"ckpt={out}", "format=hf", f"out={tmp_path / 'bad'}", "dtype=int4"], timeout=240
@@ -899,7 +901,9 @@ def test_every_export_writes_a_manifest_and_loads_back_close_to_the_source(
     manifest = check_manifest(out, fmt, ck, model, tok, held_out, src)
     assert summary["manifest"] == manifest and summary["files"]["manifest.json"] > 0
     assert manifest["scheme"] == (
-        "int8 per-channel symmetric (weights only, dequantized on load)" if fmt == "int8" else dtype
+        "int8 per-channel symmetric weights, int8 dynamic activations (x86 int8 kernel on load)"
+        if fmt == "int8"
+        else dtype
     )
     assert manifest["artifact"] is None and manifest["baked"] == [] and manifest["converters"] == []
     if fmt == "int8":

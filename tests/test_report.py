@@ -132,7 +132,9 @@ def test_report_numbers_match_independent_computations(ckpts, tok, text, tmp_pat
         loss, bpb = plain_val_loss(model, tok, text, 32)
         assert r["val_loss"] == pytest.approx(loss, rel=1e-5) and r["bits_per_byte"] == pytest.approx(bpb, rel=1e-5)
         qloss, _ = plain_val_loss(microgpt.load(tmp_path / label / "int8")[0], tok, text, 32)
-        assert r["quant_val_loss"] == pytest.approx(qloss, rel=1e-5)
+        # the int8 export runs int8 GEMMs with one activation scale per call (docs/deploy.md), so its loss
+        # depends a little on how the text is batched: measured 7e-5 nats between the report's batches and these
+        assert r["quant_val_loss"] == pytest.approx(qloss, abs=5e-4)
         assert r["val_tokens"] == n_val - 1
         assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"])
         losses[label] = loss

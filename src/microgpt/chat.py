@@ -42,11 +42,13 @@ def fit_context(fmt, system: str | None, turns: list[dict[str, str]], budget: in
 
 def stream_reply(model, tokenizer, fmt, ids: list[int], max_new_tokens: int, out: TextIO, **sampling) -> str:
     """Generate after `ids` until an end-of-turn token or max_new_tokens, writing text to `out` as it comes."""
+    from microgpt.inference import generate_stream  # static KV cache; int8 exports run their int8 kernels
+
     device = getattr(model, "device", None) or next(model.parameters()).device  # OnnxGPT: no parameters
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     new: list[int] = []
     shown = ""
-    for tok in model.generate_stream(idx, max_new_tokens, **sampling):
+    for tok in generate_stream(model, idx, max_new_tokens, **sampling):
         t = int(tok[0, 0])
         if t in fmt.stop_ids:
             break

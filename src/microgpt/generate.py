@@ -1,6 +1,9 @@
 """Sample text from a checkpoint, streaming tokens to stdout as they are generated.
 
-python -m microgpt.generate ckpt=PATH prompt="ROMEO:" max_new_tokens=200 temperature=0.8 top_k=50
+python -m microgpt.generate ckpt=PATH prompt="ROMEO:" max_new_tokens=200 temperature=0.8 top_k=50 [compile=true]
+
+PATH may be any `microgpt.load` path; an int8 export runs quantized (docs/deploy.md). compile=true compiles the
+one-token decode step (a one-off cost of tens of seconds; worth it for long generations).
 """
 
 from __future__ import annotations
@@ -13,14 +16,24 @@ import torch
 from omegaconf import DictConfig
 
 from microgpt.cli import CONF_DIR, exit_on_error, quiet_env
+from microgpt.inference import generate_stream
 from microgpt.stopping import Stopper, end_of_text_id, stop_strings
 
 
 def stream_text(
-    model, tokenizer, prompt: str, max_new_tokens: int, out=sys.stdout, stopper: Stopper | None = None, **sampling
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    out=sys.stdout,
+    stopper: Stopper | None = None,
+    compile: bool = False,
+    **sampling,
 ) -> str:
     """Generate after `prompt`, writing text to `out` as it comes; returns the generated text.
-    Stops early at the tokenizer's end-of-text token or a stop string (`stopper`; default: end-of-text)."""
+    Stops early at the tokenizer's end-of-text token or a stop string (`stopper`; default: end-of-text).
+    Decodes through microgpt.inference's static KV cache (compiled with `compile`); an int8 export runs
+    its int8 kernels."""
     stopper = stopper or Stopper(end_of_text_id(tokenizer))
     device = getattr(model, "device", None) or next(model.parameters()).device  # OnnxGPT: no parameters
     ids = tokenizer.encode(prompt) if prompt else []
@@ -29,7 +42,7 @@ def stream_text(
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     new: list[int] = []
     shown = ""
-    for tok in model.generate_stream(idx, max_new_tokens, **sampling):
+    for tok in generate_stream(model, idx, max_new_tokens, mode="compile" if compile else "trace", **sampling):
         if stopper.is_eos(int(tok[0, 0])):
             break
         new.append(int(tok[0, 0]))
@@ -76,6 +89,7 @@ def generate(cfg: DictConfig) -> list[str]:
                 top_k=cfg.top_k,
                 top_p=cfg.top_p,
                 generator=gen,
+                compile=bool(cfg.get("compile", False)),
             )
         )
         if cfg.get("verbose"):

@@ -120,7 +120,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def read_export_dir(path: str | os.PathLike) -> dict[str, Any]:
     """A directory written by `microgpt.export format=safetensors|int8`, as a checkpoint dict.
 
-    int8 tensors are dequantized here (w = q * scale per output row), so the model is a plain float one.
+    int8 tensors are dequantized here (w = q * scale per output row), so the state_dict is a plain float one;
+    the int8 tensors themselves come along as ckpt["int8"] = {name: (q, scale)} for `load` to run them.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -144,10 +145,12 @@ def read_export_dir(path: str | os.PathLike) -> dict[str, Any]:
             f"weights file {weights} is truncated or corrupt ({first}); export the model again"
         ) from None
     quant = meta.get("quantization") or {}
+    int8 = {}  # name -> (int8 q, float32 scale): what `load` hands to the int8 modules (microgpt.inference)
     for name in quant.get("tensors", []):
         q, scale = sd.get(name), sd.pop(f"{name}.scale", None)
         if q is None or scale is None or q.dtype != torch.int8:
             raise CheckpointError(f"{weights} lacks the int8 tensor {name} or its scale; export the model again")
+        int8[name] = (q, scale.to(torch.float32))
         sd[name] = q.to(torch.float32) * scale.to(torch.float32)[:, None]
     sd = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
     hp = {"model": model_cfg, "tokenizer": tok, "plugins": meta.get("plugins") or {}}
@@ -155,6 +158,7 @@ def read_export_dir(path: str | os.PathLike) -> dict[str, Any]:
         "state_dict": {f"model.{k}": v for k, v in sd.items()},
         "hyper_parameters": hp,
         "source": {"export": str(p)},
+        **({"int8": int8} if int8 else {}),
     }
 
 
@@ -322,13 +326,21 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> GPT:
     return build_model_from_weights(GPTConfig.from_dict(dict(hp["model"])), sd)
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", base: str | os.PathLike | None = None):
+def load(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    base: str | os.PathLike | None = None,
+    dequantize: bool = False,
+):
     """`model, tokenizer = microgpt.load(path)`: the GPT in eval mode and its tokenizer.
 
     path: a .ckpt, a run directory, an exported directory (every `microgpt.export` format), a local HF GPT-2
     directory, or a LoRA adapter (directory / adapter.safetensors) applied to `base` (default: the base it
     recorded). A plugin's quantized artifact (a `format=int8|int4` export of a model trained to be quantized,
-    or the file itself) comes back as the quantized model its plugin's `load_quantized` builds; an ONNX export as
+    or the file itself) comes back as the quantized model its plugin's `load_quantized` builds. A plain
+    `format=int8` export comes back with int8 Linear layers running the x86 int8 kernel on the CPU
+    (microgpt.inference.Int8Linear); `dequantize=True`, another device or a torch without that kernel give
+    the float model with the dequantized weights instead; an ONNX export comes back as
     an `OnnxGPT` (io/onnx.py) running in onnxruntime.
     """
     from microgpt.data.tokenizers import tokenizer_from_dict
@@ -349,6 +361,11 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", base
         return model.eval(), tok
     ckpt = read_checkpoint(path, base)
     model = model_from_checkpoint(ckpt).to(map_location).eval()
+    if ckpt.get("int8") and not dequantize and torch.device(map_location).type == "cpu":
+        from microgpt.inference import int8_kernel_available, quantize_int8
+
+        if int8_kernel_available():
+            model = quantize_int8(model, ckpt["int8"])
     tok = ckpt["hyper_parameters"].get("tokenizer")
     if tok is None:
         raise CheckpointError(f"checkpoint {path} has no tokenizer; it was not written by microgpt's train.py")

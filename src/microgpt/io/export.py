@@ -9,7 +9,10 @@
                  is a BPE (tokenizer.json, vocab.json, merges.txt; a pretrained one's tokenizer_config.json)
     int8         a plain model: Linear weights (and the token embedding / tied head) quantized per output
                  channel, symmetric: q = round(w / s) in [-127, 127], s = max|w_row| / 127, stored as int8 +
-                 float32 scales in model.safetensors; `microgpt.load(DIR)` dequantizes.
+                 float32 scales in model.safetensors; `microgpt.load(DIR)` runs them quantized: every Linear
+                 (and the tied head) an int8 GEMM on activations quantized per call (microgpt.inference,
+                 docs/deploy.md: 2-3x the float32 decode speed on an x86 CPU); `load(DIR, dequantize=True)`
+                 gives the float model.
                  A model trained to be quantized (a plugin's converter with a quantized artifact, e.g. qat's
                  int8 scheme): that plugin's artifact, real quantized weights, loaded as a quantized model
     int4         a model trained for a 4-bit scheme (qat's 8da4w / int4_weight_only): its plugin's artifact
@@ -75,7 +78,7 @@ QUANTIZED_FORMATS = ("int8", "int4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF_DTYPES = ("float32", "float16", "q8_0")  # q8_0: llama.cpp's blocks of 32 int8 values + a float16 scale
 INT8_SCHEME = "int8 per output channel, symmetric: w = q * scale[row], q in [-127, 127], scale = max|w[row]| / 127"
-INT8_SCHEME_NAME = "int8 per-channel symmetric (weights only, dequantized on load)"
+INT8_SCHEME_NAME = "int8 per-channel symmetric weights, int8 dynamic activations (x86 int8 kernel on load)"
 
 
 # ---- writing atomically --------------------------------------------------------------------------------
