@@ -451,6 +451,8 @@ BLOCKERS = {
     "sliding": ({"attention": "sliding", "window": 8}, "attention=sliding"),
     "sharing": ({"n_unique_layers": 1}, "cross-layer sharing"),
     "pruned-heads": ({"head_dim": 8}, "head_dim=8 x n_head=4 != n_embd=64"),
+    "qk-norm": ({"qk_norm": True}, "qk_norm"),
+    "softcap": ({"logit_softcap": 15.0}, "logit_softcap=15.0"),
 }
 
 
@@ -632,7 +634,7 @@ def test_gguf_names_an_unused_slot_as_end_of_text_and_refuses_what_llama_cpps_gp
     assert f["tokenizer.ggml.add_bos_token"].contents() is False
     for kw, what in (({"qk_norm": True}, "qk_norm"), ({"logit_softcap": 15.0}, "logit_softcap=15.0")):
         ck = save_ckpt(small_model(vocab=320, **kw), tok, tmp_path / f"{what}.ckpt")
-        with pytest.raises(CheckpointError, match=f"cannot represent this model: {what}"):
+        with pytest.raises(CheckpointError, match=f"cannot represent this model: .*{what}"):
             export(ck, "gguf", tmp_path / what)
         assert not (tmp_path / what).exists()
 

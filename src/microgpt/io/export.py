@@ -316,17 +316,8 @@ def _gguf_vocab(tok, vocab_size: int) -> dict[str, Any] | None:
 def write_gguf(model, tok, out: Path, dtype: str = "float32") -> None:
     import gguf
 
-    _blocked(model, "gguf")
+    _blocked(model, "gguf")  # llama.cpp's gpt2 graph (models/gpt2.cpp): plain q.k / sqrt(d) attention, raw logits
     cfg = model.config
-    # what llama.cpp's gpt2 graph has no place for (models/gpt2.cpp: plain q.k / sqrt(d) attention, raw logits)
-    bad = ["qk_norm (llama.cpp's gpt2 does not normalise queries and keys)"] if cfg.qk_norm else []
-    if cfg.logit_softcap is not None:
-        bad.append(f"logit_softcap={cfg.logit_softcap} (llama.cpp's gpt2 returns uncapped logits)")
-    if bad:
-        raise CheckpointError(
-            f"format=gguf is GPT-2's architecture, which cannot represent this model: {'; '.join(bad)}; "
-            "use format=safetensors or format=int8"
-        )
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"format=gguf writes dtype={', '.join(GGUF_DTYPES)}, got {dtype}")
     np_dtype = "float32" if dtype == "float32" else "float16"
