@@ -15,7 +15,7 @@ export TORCHAO_FORCE_SKIP_LOADING_SO_FILES := 1
 # DeepSpeed JIT-builds its CPU helpers once; keep them between runs
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/microgpt/torch_extensions
 
-.PHONY: help install train test test-fast lint format bench clean slurm-up slurm-down
+.PHONY: help install train test test-fast test-llamacpp lint format bench clean slurm-up slurm-down
 
 help: ## list the targets (colours only on a terminal)
 	@if [ -t 1 ]; then c='\033[36m'; r='\033[0m'; else c=''; r=''; fi; \
@@ -39,6 +39,10 @@ test: $(STAMP) ## run the whole test suite (unit, config, integration)
 
 test-fast: $(STAMP) ## unit and config tests only (no training runs)
 	$(PY) -m pytest -m "not slow" $(TEST_ARGS)
+
+test-llamacpp: $(STAMP) ## opt-in: llama.cpp runs our GGUF exports (builds llama-cpp-python once, ~15-20 min; cached)
+	bash scripts/llamacpp_wheel.sh $(PY)
+	MICROGPT_LLAMACPP=1 $(PY) -m pytest tests/llamacpp -v -s $(TEST_ARGS)
 
 lint: $(STAMP) ## ruff check + format check
 	$(VENV)/bin/ruff check .

@@ -327,12 +327,22 @@ def write_results(res: dict, out: Path) -> None:
             agree = r.get("greedy_agreement_vs_today")
             dx = f"{d / base['decode_tok_s']:.2f}x" if d else ""
             px = f"{p / base['prefill_tok_s']:.2f}x" if p else ""
+            if r["runtime"] == "llama.cpp":  # another run (threads, load, prefill shape): no cross-run ratio
+                dx = px = "see llamacpp.md"
             lines.append(
                 f"| {m['model']} | {r['artifact']} | {r['runtime']} | {d if d is not None else ''} | "
                 f"{dx} | {p if p is not None else ''} | {px} | {fmt_bytes(r.get('bytes'))} | "
                 f"{r.get('val_loss', '')} | {r.get('val_loss_cost', '')} | "
                 f"{'' if agree is None else f'{agree:.0%}'} |"
             )
+    if res["llamacpp"]:
+        lines += [
+            "",
+            "llama.cpp rows: copied from bench/results/llamacpp.json, measured by bench/llamacpp.py in its own run "
+            "(2 threads, another load, fresh-init weights, prefill of one 256-token sequence). Their tokens/s are not "
+            "comparable with this table's; their ratios against microgpt fp32, measured in that same run, are in "
+            "bench/results/llamacpp.md.",
+        ]
     lines += ["", "Models (each trained briefly from scratch on the first 90% of the text; far from converged):", ""]
     for m in res["models"]:
         t = m["training"]

@@ -18,6 +18,9 @@ PY = sys.executable
 # only bench/ may read the shared data folder beside the checkout; a test that opens a file there fails
 _SHARED_DIRS = {str(ROOT.parent / "shared"), os.environ.get("MICROGPT_SHARED") or ""}  # shared-guard
 FORBIDDEN_DIRS = tuple(os.path.abspath(d) + os.sep for d in _SHARED_DIRS if d)
+# opt-in: llama.cpp running our GGUF exports needs llama-cpp-python, a ~15-minute C++ build that is not a dev
+# dependency; `make test-llamacpp` builds it once (scripts/llamacpp_wheel.sh) and sets MICROGPT_LLAMACPP=1
+collect_ignore_glob = [] if os.environ.get("MICROGPT_LLAMACPP") == "1" else ["llamacpp/*"]
 
 
 class SharedFolderRead(RuntimeError):

@@ -451,6 +451,8 @@ BLOCKERS = {
     "sliding": ({"attention": "sliding", "window": 8}, "attention=sliding"),
     "sharing": ({"n_unique_layers": 1}, "cross-layer sharing"),
     "pruned-heads": ({"head_dim": 8}, "head_dim=8 x n_head=4 != n_embd=64"),
+    "qk-norm": ({"qk_norm": True}, "qk_norm"),
+    "softcap": ({"logit_softcap": 15.0}, "logit_softcap=15.0"),
 }
 
 
@@ -604,7 +606,10 @@ def test_gguf_of_a_char_model_in_float16(tmp_path):
     src = small_model(vocab=60, bias=False)
     export(save_ckpt(src, tok, tmp_path / "m.ckpt"), "gguf", tmp_path / "g", dtype="float16")
     r = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
-    assert r.fields["tokenizer.ggml.model"].contents() == "none"  # no llama.cpp tokenizer for characters
+    # characters as a byte-level BPE llama.cpp can tokenize: one token per character, ASCII needs no merge
+    assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert r.fields["tokenizer.ggml.tokens"].contents() == list(tok.chars)
+    assert r.fields["tokenizer.ggml.merges"].contents() == ["ĠĠ Ġ"]  # llama.cpp needs one: it never fires
     assert json.loads(r.fields["microgpt.tokenizer"].contents()) == tok.to_dict()
     t = {x.name: torch.from_numpy(x.data.copy()).reshape(tuple(reversed(x.shape.tolist()))) for x in r.tensors}
     sd = src.state_dict()
@@ -613,6 +618,25 @@ def test_gguf_of_a_char_model_in_float16(tmp_path):
     assert torch.equal(t["token_embd.weight"], sd["wte.weight"].half())
     assert torch.equal(t["blk.0.attn_norm.weight"], sd["blocks.0.norm1.weight"])  # ... norms in float32
     assert torch.equal(t["blk.0.attn_qkv.bias"], torch.zeros(3 * 64))  # bias=False: the zeros llama.cpp needs
+
+
+def test_gguf_names_an_unused_slot_as_end_of_text_and_refuses_what_llama_cpps_gpt2_lacks(tmp_path, corpus):
+    """llama.cpp's gpt2 vocabulary defaults bos = eos = 11 (an ordinary token here): a padded vocabulary's first
+    unused slot is named instead, as a CONTROL token (tests/llamacpp runs the file in llama.cpp itself)."""
+    import gguf
+
+    tok = BPETokenizer.fit(corpus[:20_000], vocab_size=300)
+    assert tok.eos_id is None  # a bpe trained here has no <|endoftext|>
+    export(save_ckpt(small_model(vocab=320), tok, tmp_path / "m.ckpt"), "gguf", tmp_path / "g")
+    f = gguf.GGUFReader(tmp_path / "g" / "model.gguf").fields
+    assert f["tokenizer.ggml.eos_token_id"].contents() == f["tokenizer.ggml.bos_token_id"].contents() == 300
+    assert f["tokenizer.ggml.token_type"].contents()[299:302] == [1, 3, 5]  # NORMAL, CONTROL, UNUSED
+    assert f["tokenizer.ggml.add_bos_token"].contents() is False
+    for kw, what in (({"qk_norm": True}, "qk_norm"), ({"logit_softcap": 15.0}, "logit_softcap=15.0")):
+        ck = save_ckpt(small_model(vocab=320, **kw), tok, tmp_path / f"{what}.ckpt")
+        with pytest.raises(CheckpointError, match=f"cannot represent this model: .*{what}"):
+            export(ck, "gguf", tmp_path / what)
+        assert not (tmp_path / what).exists()
 
 
 def test_converted_models_are_refused_by_plain_weight_formats(tmp_path):

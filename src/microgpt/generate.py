@@ -25,7 +25,7 @@ def stream_text(
     tokenizer,
     prompt: str,
     max_new_tokens: int,
-    out=sys.stdout,
+    out=None,
     stopper: Stopper | None = None,
     compile: bool = False,
     **sampling,
@@ -34,6 +34,7 @@ def stream_text(
     Stops early at the tokenizer's end-of-text token or a stop string (`stopper`; default: end-of-text).
     Decodes through microgpt.inference's static KV cache (compiled with `compile`); an int8 export runs
     its int8 kernels."""
+    out = out if out is not None else sys.stdout  # looked up per call: a default bound at import goes stale
     stopper = stopper or Stopper(end_of_text_id(tokenizer))
     device = getattr(model, "device", None) or next(model.parameters()).device  # OnnxGPT: no parameters
     ids = tokenizer.encode(prompt) if prompt else []

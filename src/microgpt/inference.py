@@ -311,7 +311,9 @@ def generate_stream(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if fast_decode_blocker(model) is not None:
-        yield from model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator)
+        yield from model.generate_stream(
+            idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
         return
     cap = model.config.block_size
     cache = Cache(model.config.n_layer)

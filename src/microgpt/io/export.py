@@ -16,8 +16,9 @@
                  A model trained to be quantized (a plugin's converter with a quantized artifact, e.g. qat's
                  int8 scheme): that plugin's artifact, real quantized weights, loaded as a quantized model
     int4         a model trained for a 4-bit scheme (qat's 8da4w / int4_weight_only): its plugin's artifact
-    gguf         model.gguf for the `gpt2` architecture (llama.cpp's tensor names, metadata and BPE vocab),
-                 dtype=float32 | float16 | q8_0; `microgpt.load(DIR)` reads it back
+    gguf         model.gguf for llama.cpp's `gpt2` architecture (its tensor names and metadata; bpe, char and
+                 byte tokenizers as a byte-level BPE vocabulary llama.cpp tokenizes like microgpt),
+                 dtype=float32 | float16 | q8_0; `microgpt.load(DIR)` reads it back (docs/llamacpp.md)
     onnx         model.onnx (opset 18, dynamic batch/sequence, past/present key-value inputs/outputs for cached
                  decoding) + microgpt.json, checked in onnxruntime against the torch logits before it is kept
                  (the measured max difference goes into the manifest); `microgpt.load(DIR)` returns a model
@@ -243,17 +244,63 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}
 
 
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's byte -> printable character table (what byte-level BPE vocabularies and llama.cpp use)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
 def _gguf_vocab(tok, vocab_size: int) -> dict[str, Any] | None:
-    """tokens / types / merges for tokenizer.ggml.model=gpt2, when the tokenizer is a byte-level BPE."""
+    """tokens / types / merges / end-of-text id for tokenizer.ggml.model=gpt2 (llama.cpp's byte-level BPE).
+
+    A byte-level BPE (bpe, or an hf GPT-2-style tokenizer) is written as it is. A char or byte tokenizer is
+    written as a byte-level BPE that reproduces it: each character is one token (its UTF-8 bytes in GPT-2's
+    byte alphabet), and a multi-byte character gets the merges that join its bytes back into it, so
+    llama.cpp's tokenizer gives our ids for any text our tokenizer accepts. None: no llama.cpp equivalent.
+    """
+    special: set[str] = set()
+    eot = None
     backend = getattr(tok, "tok", None)
-    if backend is None or type(backend.model).__name__ != "BPE":
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        pre = json.dumps(spec.get("pre_tokenizer"))
+        if type(backend.model).__name__ != "BPE" or '"ByteLevel"' not in pre:
+            return None
+        merges = spec.get("model", {}).get("merges", [])
+        merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+        vocab = backend.get_vocab(with_added_tokens=True)
+        special = {a["content"] for a in spec.get("added_tokens", []) if a.get("special")}
+        eot = backend.token_to_id("<|endoftext|>")
+    elif getattr(tok, "name", None) in ("char", "byte"):
+        alphabet = _byte_level_alphabet()
+        chars = tok.chars if tok.name == "char" else None
+        if chars is None:  # byte: token i is byte i
+            vocab = {alphabet[b]: b for b in range(256)}
+            merges = []
+        else:
+            vocab, merges, seen = {}, [], set()
+            for i, c in enumerate(chars):
+                pieces = [alphabet[b] for b in c.encode("utf-8")]
+                vocab["".join(pieces)] = i
+                for k in range(1, len(pieces)):  # join the bytes left to right: b0 b1, b0b1 b2, ...
+                    m = f"{''.join(pieces[:k])} {pieces[k]}"
+                    if m not in seen:
+                        seen.add(m)
+                        merges.append(m)
+    else:
         return None
-    spec = json.loads(backend.to_str())
-    merges = spec.get("model", {}).get("merges", [])
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    vocab = backend.get_vocab(with_added_tokens=True)
+    if not merges:
+        # llama.cpp's gpt2 vocabulary requires the merges key and gguf's writer drops an empty array:
+        # one merge that can never fire (its left side "ĠĠ", a space pair, would need a "Ġ Ġ" merge first)
+        merges = ["\u0120\u0120 \u0120"]
     by_id = {i: t for t, i in vocab.items()}
-    special = {a["content"] for a in spec.get("added_tokens", []) if a.get("special")}
     tokens, types = [], []
     for i in range(vocab_size):  # llama.cpp wants exactly n_vocab tokens: pad a padded vocabulary
         t = by_id.get(i)
@@ -263,16 +310,16 @@ def _gguf_vocab(tok, vocab_size: int) -> dict[str, Any] | None:
         else:
             tokens.append(t)
             types.append(3 if t in special else 1)  # CONTROL / NORMAL
-    return {"tokens": tokens, "types": types, "merges": merges, "eot": backend.token_to_id("<|endoftext|>")}
+    return {"tokens": tokens, "types": types, "merges": merges, "eot": eot}
 
 
 def write_gguf(model, tok, out: Path, dtype: str = "float32") -> None:
     import gguf
 
-    _blocked(model, "gguf")
+    _blocked(model, "gguf")  # llama.cpp's gpt2 graph (models/gpt2.cpp): plain q.k / sqrt(d) attention, raw logits
+    cfg = model.config
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"format=gguf writes dtype={', '.join(GGUF_DTYPES)}, got {dtype}")
-    cfg = model.config
     np_dtype = "float32" if dtype == "float32" else "float16"
     q8 = gguf.GGMLQuantizationType.Q8_0
     block = gguf.GGML_QUANT_SIZES[q8][0]  # 32 values per Q8_0 block (one float16 scale each)
@@ -292,15 +339,24 @@ def write_gguf(model, tok, out: Path, dtype: str = "float32") -> None:
     vocab = _gguf_vocab(tok, cfg.vocab_size)
     if vocab is not None:
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
+        w.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, as HF's ByteLevel pre-tokenizer (use_regex) applies
+        # llama.cpp's gpt2 vocab defaults bos = eos = 11 (GPT-2's ","): name an end-of-text token whenever
+        # there is one, else an unused slot of a padded vocabulary, so no ordinary token ends generation
+        stop = vocab["eot"]
+        unused = [i for i, t in enumerate(vocab["types"]) if t == 5]
+        if stop is None and unused:
+            stop = unused[0]
+            vocab["types"][stop] = 3  # CONTROL: never produced by text, never printed
         w.add_token_list(vocab["tokens"])
         w.add_token_types(vocab["types"])
         w.add_token_merges(vocab["merges"])
-        if vocab["eot"] is not None:
-            w.add_bos_token_id(vocab["eot"])
-            w.add_eos_token_id(vocab["eot"])
-    else:  # char / byte tokenizers have no llama.cpp equivalent: a vocabulary-less model
+        w.add_add_bos_token(False)  # microgpt's models are trained without a start token
+        if stop is not None:
+            w.add_bos_token_id(stop)
+            w.add_eos_token_id(stop)
+    else:  # a tokenizer with no llama.cpp equivalent: a vocabulary-less model (feed it token ids)
         w.add_tokenizer_model("none")
+        w.add_vocab_size(cfg.vocab_size)
     # microgpt's own records, so nothing is lost on the way back
     w.add_string("microgpt.tokenizer", json.dumps(tok.to_dict()))
     w.add_string("microgpt.config", json.dumps(cfg.to_dict()))

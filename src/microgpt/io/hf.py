@@ -454,6 +454,21 @@ def hf_dir_checkpoint(path: str | os.PathLike, tokenizer: bool = True) -> dict[s
 # ---- the other way: microgpt -> GPT-2 ------------------------------------------------------------------
 
 
+def _common_blockers(cfg: GPTConfig) -> list[str]:
+    """What neither GPT-2 nor the Llama family has (llama.cpp's gpt2 graph neither: format=gguf uses these too)."""
+    out = []
+    if cfg.qk_norm:
+        out.append("qk_norm (queries and keys are not normalised there)")
+    if cfg.logit_softcap is not None:
+        out.append(f"logit_softcap={cfg.logit_softcap} (the logits are not capped there)")
+    if cfg.n_unique_layers is not None and cfg.n_unique_layers != cfg.n_layer:
+        out.append(f"cross-layer sharing (n_unique_layers={cfg.n_unique_layers} of n_layer={cfg.n_layer})")
+    if cfg.converters:
+        names = ", ".join(str(c.get("name")) for c in cfg.converters)
+        out.append(f"converted modules ({names}); export the model before conversion")
+    return out
+
+
 def gpt2_blockers(cfg: GPTConfig) -> list[str]:
     """What in this model GPT-2's architecture cannot represent (empty: exportable exactly)."""
     out = []
@@ -473,12 +488,7 @@ def gpt2_blockers(cfg: GPTConfig) -> list[str]:
         )
     if cfg.head_dim * cfg.n_head != cfg.n_embd:
         out.append(f"head_dim={cfg.head_dim} x n_head={cfg.n_head} != n_embd={cfg.n_embd} (pruned heads)")
-    if cfg.n_unique_layers is not None and cfg.n_unique_layers != cfg.n_layer:
-        out.append(f"cross-layer sharing (n_unique_layers={cfg.n_unique_layers} of n_layer={cfg.n_layer})")
-    if cfg.converters:
-        names = ", ".join(str(c.get("name")) for c in cfg.converters)
-        out.append(f"converted modules ({names}); export the model before conversion")
-    return out
+    return out + _common_blockers(cfg)
 
 
 def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -723,12 +733,7 @@ def llama_blockers(cfg: GPTConfig) -> list[str]:
         out.append("attention=sliding with biases (Mistral has none)")
     if cfg.n_embd % cfg.n_head:
         out.append(f"n_embd={cfg.n_embd} not divisible by n_head={cfg.n_head} (transformers requires it)")
-    if cfg.n_unique_layers is not None and cfg.n_unique_layers != cfg.n_layer:
-        out.append(f"cross-layer sharing (n_unique_layers={cfg.n_unique_layers} of n_layer={cfg.n_layer})")
-    if cfg.converters:
-        names = ", ".join(str(c.get("name")) for c in cfg.converters)
-        out.append(f"converted modules ({names}); export the model before conversion")
-    return out
+    return out + _common_blockers(cfg)
 
 
 def hf_export_arch(cfg: GPTConfig) -> str:
