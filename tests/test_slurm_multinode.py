@@ -55,10 +55,15 @@ TWO_NODES = [
 
 @pytest.fixture(scope="module")
 def nodes(cluster) -> list[str]:  # noqa: F811
-    out = _sq(cluster, "sinfo", "-h", "-N", "-o", "%N %t")
-    up = sorted(
-        {n for n, t in (ln.split() for ln in out.splitlines()) if t.rstrip("*~#$@^-") in ("idle", "mix", "alloc")}
-    )
+    # a node still finishing the previous module's jobs reports "comp" (completing) for a few seconds: it is up
+    deadline = time.monotonic() + 60
+    while True:
+        out = _sq(cluster, "sinfo", "-h", "-N", "-o", "%N %t")
+        states = {"idle", "mix", "alloc", "comp"}
+        up = sorted({n for n, t in (ln.split() for ln in out.splitlines()) if t.rstrip("*~#$@^-") in states})
+        if len(up) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     if len(up) < 2:
         msg = (
             f"the SLURM cluster has {len(up)} node(s) up ({up}); the multi-node tests need 2: start it with "

@@ -9,7 +9,9 @@ forgets the conversation, /exit (or Ctrl-D) quits; Ctrl-C stops a reply and keep
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import TextIO
 
 import hydra
@@ -40,8 +42,11 @@ def fit_context(fmt, system: str | None, turns: list[dict[str, str]], budget: in
             dropped += 1
 
 
-def stream_reply(model, tokenizer, fmt, ids: list[int], max_new_tokens: int, out: TextIO, **sampling) -> str:
-    """Generate after `ids` until an end-of-turn token or max_new_tokens, writing text to `out` as it comes."""
+def stream_reply(
+    model, tokenizer, fmt, ids: list[int], max_new_tokens: int, out: TextIO, should_stop=None, **sampling
+) -> str:
+    """Generate after `ids` until an end-of-turn token, max_new_tokens or `should_stop()` (checked before each
+    token is shown), writing text to `out` as it comes."""
     from microgpt.inference import generate_stream  # static KV cache; int8 exports run their int8 kernels
 
     device = getattr(model, "device", None) or next(model.parameters()).device  # OnnxGPT: no parameters
@@ -49,6 +54,8 @@ def stream_reply(model, tokenizer, fmt, ids: list[int], max_new_tokens: int, out
     new: list[int] = []
     shown = ""
     for tok in generate_stream(model, idx, max_new_tokens, **sampling):
+        if should_stop is not None and should_stop():
+            break
         t = int(tok[0, 0])
         if t in fmt.stop_ids:
             break
@@ -88,6 +95,12 @@ class ChatSession:
             self.say(f"[context full: dropped the {dropped} oldest turn{'s' if dropped > 1 else ''}]\n")
         self.say(BOT)
         text = ""
+        # Ctrl-C while a reply streams: a flag the loop checks before each token, so that nothing between the
+        # signal and the loop (a C++ op, a library's exception handling) can swallow it
+        interrupted: list[int] = []
+        old = None
+        if threading.current_thread() is threading.main_thread():
+            old = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
         try:
             text = stream_reply(
                 self.model,
@@ -96,14 +109,18 @@ class ChatSession:
                 ids,
                 self.cfg.max_new_tokens,
                 self.out,
+                should_stop=lambda: bool(interrupted),
                 temperature=self.cfg.temperature,
                 top_k=self.cfg.top_k,
                 top_p=self.cfg.top_p,
                 generator=self.generator,
             )
-            self.say("\n")
+            self.say(" [stopped]\n" if interrupted else "\n")
         except KeyboardInterrupt:
             self.say(" [stopped]\n")
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
         # an interrupted reply stays in the conversation as far as it got (what the user saw)
         self.turns.append({"role": "assistant", "content": text})
         return text
