@@ -300,6 +300,13 @@ def fmt_bytes(n) -> str:
     return "" if n is None else f"{n / 1e6:.2f} MB"
 
 
+def _load_note(res: dict) -> str:
+    """Whether other jobs shared the CPU: a 1-minute load average before the run at or above the CPU count."""
+    if res["load_before"][0] >= float(res["cpu"]["cpus"]):
+        return "other jobs kept every CPU busy before the run, so absolute numbers are low and noisy."
+    return "the CPUs were not saturated by other jobs before the run."
+
+
 def write_results(res: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     lines = [
@@ -308,8 +315,8 @@ def write_results(res: dict, out: Path) -> None:
         f"Command: `{res['command']}` ({res['date']}; torch {res['torch']}, torch threads: {res['threads']}).",
         "",
         f"CPU: {res['cpu']['model_name']}, {res['cpu']['cpus']} CPUs. Load average {res['load_before']} before / "
-        f"{res['load_after']} after: the machine was shared with other jobs (4 engineers + a C++ build on 2 cores), "
-        "so absolute numbers are low and noisy; ratios are measured interleaved in one run (best of the repeats).",
+        f"{res['load_after']} after (this benchmark's own {res['threads']} thread(s) count in the 'after' figure); "
+        f"{_load_note(res)} Ratios are measured interleaved in one run (best of the repeats).",
         "",
         f"lscpu flags: `{res['cpu']['flags']}`",
         "",
@@ -374,7 +381,7 @@ def write_results(res: dict, out: Path) -> None:
             "|---|---:|---:|",
         ]
         lines += [f"| {k['kernel']} | {k['decode_us']} | {k['prefill_2048_ms']} |" for k in res["kernels"]]
-    lines += ["", "![tokens/s vs bytes vs val loss](deploy.png)", ""]
+    lines += ["", f"![tokens/s vs bytes vs val loss]({out.with_suffix('.png').name})", ""]
     out.write_text("\n".join(lines) + "\n")
 
 

@@ -241,8 +241,13 @@ def write_md(res: dict, rows: list[dict], ours: list[dict]) -> None:
         f"torch {res['torch']}, {res['threads']} threads for both).",
         "",
         f"CPU: {res['cpu']['model_name']}, {res['cpu']['cpus']} CPUs. Load average (1, 5, 15 min) "
-        f"{res['load_before']} before / {res['load_after']} after: the machine was shared with other jobs, so "
-        "absolute numbers are low and noisy; variants are interleaved within each repeat (best of the repeats).",
+        f"{res['load_before']} before / {res['load_after']} after (this benchmark's own threads count in 'after'); "
+        + (
+            "other jobs kept every CPU busy before the run, so absolute numbers are low and noisy; "
+            if res["load_before"][0] >= float(res["cpu"]["cpus"])
+            else "the CPUs were not saturated by other jobs before the run; "
+        )
+        + "variants are interleaved within each repeat (best of the repeats).",
         "",
         f"lscpu flags: `{res['cpu']['flags']}`",
         "",
