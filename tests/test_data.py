@@ -417,6 +417,7 @@ def dm_for(path: Path, cache: Path, **kw) -> TokenDataModule:
         ({"batch_size": 0}, "data.batch_size must be > 0, got 0"),
         ({"block_size": -3}, "data.block_size must be > 0, got -3"),
         ({"eval_batches": 0}, "data.eval_batches must be > 0, got 0"),
+        ({"eval_batch_size": -1}, "data.eval_batch_size must be > 0, got -1"),
         ({"val_fraction": 0.0}, "data.val_fraction must be between 0 and 1"),
         ({"val_fraction": 1.0}, "data.val_fraction must be between 0 and 1"),
         ({"vocab_size": 0}, "data.vocab_size must be > 0"),
@@ -602,6 +603,20 @@ def test_val_batches_fixed_and_from_val_split(cache, small_file):
     val = dm.val_tokens.tolist()
     for row in first[0][0].tolist():  # every window lies inside the val split
         assert any(val[i : i + 16] == row for i in range(len(val) - 16))
+
+
+def test_eval_batch_size_keeps_a_smaller_batch_runs_evaluation(cache, small_file):
+    """data.eval_batch_size: training on batches of 8 can be evaluated on exactly the val windows a batch-4 run
+    of the same seed sees; without it the val batches follow batch_size."""
+    base = dm_for(small_file, cache, batch_size=4, eval_batches=3)
+    wide = dm_for(small_file, cache, batch_size=8, eval_batches=3, eval_batch_size=4)
+    plain = dm_for(small_file, cache, batch_size=8, eval_batches=3)
+    for dm in (base, wide, plain):
+        dm.setup()
+    for (xb, yb), (xw, yw) in zip(base.val_dataloader(), wide.val_dataloader()):
+        assert xw.shape == (4, 16) and torch.equal(xb, xw) and torch.equal(yb, yw)
+    assert next(iter(plain.val_dataloader()))[0].shape == (8, 16)
+    assert next(iter(wide.train_dataloader()))[0].shape == (8, 16)  # training keeps its own batch size
 
 
 def test_full_val_batches_cover_the_val_split_once(cache, small_file):

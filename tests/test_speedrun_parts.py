@@ -223,6 +223,6 @@ def test_speedrun_experiment_trains_with_every_default_on(tmp_path):
     lrs = {int(r["step"]): float(v) for r in rows for k, v in r.items() if k.startswith("lr-") and v}
     after_warmup = {s: lr for s, lr in lrs.items() if 10 <= s < 80}
     assert len(after_warmup) >= 3, lrs
-    for s, lr in after_warmup.items():  # warmup 10, then a straight line from 6e-3 to 0 at step 80
-        assert lr == pytest.approx(6e-3 * (1 - (s - 10) / 70), rel=1e-4, abs=1e-9), (s, lr)
+    for s, lr in after_warmup.items():  # warmup 10, then a straight line from 8e-3 to 0 at step 80
+        assert lr == pytest.approx(8e-3 * (1 - (s - 10) / 70), rel=1e-4, abs=1e-9), (s, lr)
     assert "--- sample ---" in p.stdout  # print_sample's default: on

@@ -127,6 +127,7 @@ class TokenDataModule(L.LightningDataModule):
         batch_size: int = 12,
         val_fraction: float = 0.1,
         eval_batches: int = 20,
+        eval_batch_size: int | None = None,
         cache_dir: str | None = None,
         seed: int = 1337,
         source_options: dict[str, Any] | None = None,
@@ -137,6 +138,8 @@ class TokenDataModule(L.LightningDataModule):
         _positive("batch_size", batch_size)
         _positive("block_size", block_size)
         _positive("eval_batches", eval_batches)
+        if eval_batch_size is not None:
+            _positive("eval_batch_size", eval_batch_size)
         if vocab_size is not None:
             _positive("vocab_size", vocab_size)
         if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
@@ -151,6 +154,9 @@ class TokenDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_fraction = float(val_fraction)
         self.eval_batches = eval_batches
+        # the val windows' batch size (default: batch_size); a recipe that trains on larger batches can keep
+        # the evaluation of a smaller-batch baseline: the same windows, given the same seed
+        self.eval_batch_size = eval_batch_size or batch_size
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root() / "tokens"
         self.seed = int(seed)
         self.source_options = dict(source_options or {})
@@ -322,7 +328,7 @@ class TokenDataModule(L.LightningDataModule):
 
     def val_dataset(self) -> ValWindows:
         self._require_setup()
-        return ValWindows(self.val_tokens, self.block_size, self.batch_size, self.eval_batches, self.seed)
+        return ValWindows(self.val_tokens, self.block_size, self.eval_batch_size, self.eval_batches, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         # batches already consumed = optimizer steps x micro-batches per step: resume with the next one
