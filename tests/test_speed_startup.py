@@ -4,21 +4,24 @@ and bench/gpu.sh's CPU dry run."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PY, ROOT, SHAKESPEARE
+from conftest import PY, ROOT, SHAKESPEARE, run_cli
 from omegaconf import OmegaConf
 
 from microgpt.components.attention import CausalSelfAttention
 from microgpt.config import GPTConfig
+from microgpt.lean_imports import resume_gc
 from microgpt.training.precision import choose_precision, resolve_precision
 
 AMX = ["fpu", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
@@ -165,6 +168,63 @@ def test_dynamo_exit_report_is_dropped_only_when_its_logger_drops_it():
         p = subprocess.run([PY, "-c", _EXIT_PROBE, level], env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
         assert f"tabulate at exit: {formatted}" in p.stdout, (level, p.stdout)
+
+
+def test_resume_gc_collects_the_start_ups_garbage_freezes_the_rest_and_switches_the_collector_on():
+    was_on = gc.isenabled()
+    gc.disable()  # as train.py does before its imports
+    try:
+
+        class Node:
+            pass
+
+        a = Node()
+        a.me = a  # a reference cycle: only the cyclic collector frees it
+        dead = weakref.ref(a)
+        del a
+        assert dead() is not None
+        frozen = gc.get_freeze_count()
+        resume_gc()
+        assert gc.isenabled()
+        assert dead() is None, "the cycle made while the collector was paused must be freed, not frozen in"
+        assert gc.get_freeze_count() > frozen
+        now = gc.get_freeze_count()
+        resume_gc()  # already on (a library user, the next job of a multirun): nothing is frozen again
+        assert gc.get_freeze_count() == now
+    finally:
+        gc.unfreeze()
+        if not was_on:
+            gc.disable()
+
+
+_GC_PROBE = """
+import gc, json, os
+import lightning as L
+
+
+class Probe(L.Callback):
+    def __init__(self):  # built with the trainer, at the end of start-up
+        self.seen = {"start_up_enabled": gc.isenabled()}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == 0:
+            self.seen.update(first_step_enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+            with open(os.environ["GC_PROBE_OUT"], "w") as f:
+                json.dump(self.seen, f)
+"""
+
+
+def test_train_py_pauses_the_gc_for_its_start_up_and_trains_with_it_on(tmp_path, small_text):
+    (tmp_path / "gc_probe.py").write_text(_GC_PROBE)
+    out = tmp_path / "seen.json"
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]), "GC_PROBE_OUT": str(out)}
+    args = ["model=nano", "data=text", f"data.path={small_text}", f"hydra.run.dir={tmp_path / 'run'}"]
+    cp = run_cli(["train.py", *args, "trainer.max_steps=2", "+callbacks.gc_probe._target_=gc_probe.Probe"], env=env)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    assert seen["start_up_enabled"] is False
+    assert seen["first_step_enabled"] is True
+    assert seen["frozen"] > 100_000, seen  # torch's, Lightning's and Hydra's objects: skipped by later collections
 
 
 # ---- bench/gpu.sh's CPU dry run ------------------------------------------------------------------------

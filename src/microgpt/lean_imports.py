@@ -18,6 +18,7 @@ MICROGPT_LEAN_IMPORTS=0 turns it off (torchmetrics then imports everything it fi
 
 from __future__ import annotations
 
+import gc
 import importlib.abc
 import importlib.machinery
 import os
@@ -125,3 +126,20 @@ def skip_dynamo_exit_report() -> None:
     report = getattr(utils, "dump_compile_times", None)
     if report is not None and not logging.getLogger("torch._dynamo.utils").isEnabledFor(logging.INFO):
         atexit.unregister(report)
+
+
+def resume_gc() -> None:
+    """End of start-up: switch the cyclic garbage collector back on if the entry script paused it.
+
+    train.py calls gc.disable() before its imports: every collection during them walks all the objects torch,
+    Lightning and Hydra have made so far (~570k), ~0.4 s of its start-up. Here, before the first training step,
+    the start-up's garbage is collected once (~0.15 s, the one walk over those objects), the objects still alive
+    (modules, classes, the model, the trainer: they live as long as the run) are moved to the permanent generation
+    (gc.freeze), so later collections skip them, and the collector is switched on.
+    A no-op when it is on (a library user's process, or the second job of a multirun).
+    """
+    if gc.isenabled():
+        return
+    gc.collect()  # the start-up's own garbage first (else it would be frozen in: ~10 MB more peak RSS)
+    gc.freeze()
+    gc.enable()

@@ -26,7 +26,7 @@ from microgpt import console
 from microgpt.config import GPTConfig
 from microgpt.errors import CheckpointError, ConfigError, MicroGPTError, first_line
 from microgpt.io.checkpoint import read_checkpoint
-from microgpt.lean_imports import skip_dynamo_exit_report
+from microgpt.lean_imports import resume_gc, skip_dynamo_exit_report
 from microgpt.plugin_hints import model_plugins
 from microgpt.plugins import Preparer, check_plugins, load_plugins, plugin_origin
 
@@ -413,6 +413,7 @@ def fit(trainer, module, dm, ckpt_path: str | None, out_dir: Path) -> None:
     if ckpt_path and old_metrics.is_file() and trainer.is_global_zero:
         # CSVLogger starts metrics.csv afresh: keep the log of the steps before this resume
         old_metrics.rename(out_dir / f"metrics.before-{Path(ckpt_path).stem}-{os.getpid()}.csv")
+    resume_gc()  # train.py paused the cyclic GC for its start-up
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
 
 
