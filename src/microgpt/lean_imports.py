@@ -128,18 +128,22 @@ def skip_dynamo_exit_report() -> None:
         atexit.unregister(report)
 
 
-def resume_gc() -> None:
-    """End of start-up: switch the cyclic garbage collector back on if the entry script paused it.
+START_UP_GC_THRESHOLD = 1_000_000_000  # train.py's older-generation thresholds during its start-up
 
-    train.py calls gc.disable() before its imports: every collection during them walks all the objects torch,
-    Lightning and Hydra have made so far (~570k), ~0.4 s of its start-up. Here, before the first training step,
-    the start-up's garbage is collected once (~0.15 s, the one walk over those objects), the objects still alive
-    (modules, classes, the model, the trainer: they live as long as the run) are moved to the permanent generation
-    (gc.freeze), so later collections skip them, and the collector is switched on.
-    A no-op when it is on (a library user's process, or the second job of a multirun).
+
+def resume_gc() -> None:
+    """End of start-up: the collector as usual again, if the entry script limited it.
+
+    train.py sets the older generations' thresholds to START_UP_GC_THRESHOLD before its imports: each
+    older-generation collection during them walks all the objects torch, Lightning and Hydra have made so far
+    (~570k), ~0.4 s of its start-up, while young collections (which free nearly all of its garbage) stay on.
+    Here, before the first training step, the objects alive now (modules, classes, the model, the trainer: they
+    live as long as the run) are moved to the permanent generation (gc.freeze), so later collections skip them,
+    and Python's default thresholds come back. A no-op otherwise (a library user's process, the next job of a
+    multirun).
     """
-    if gc.isenabled():
+    young, older, _ = gc.get_threshold()
+    if older < START_UP_GC_THRESHOLD:
         return
-    gc.collect()  # the start-up's own garbage first (else it would be frozen in: ~10 MB more peak RSS)
     gc.freeze()
-    gc.enable()
+    gc.set_threshold(young, 10, 10)  # Python's defaults
