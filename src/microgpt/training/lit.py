@@ -235,9 +235,15 @@ class LitGPT(L.LightningModule):
             {"params": no_decay, "param_names": no_decay_names, "weight_decay": 0.0},
         ]
         kwargs = {}
-        # Lightning cannot clip gradients for a fused optimizer under mixed precision (it would unscale inside)
+        # Lightning cannot clip gradients for a fused optimizer under mixed precision (it would unscale inside);
+        # under bf16-mixed there is nothing to unscale, and this module clips (configure_gradient_clipping)
         trainer = self._trainer
-        clipped_amp = trainer is not None and "mixed" in str(trainer.precision) and bool(trainer.gradient_clip_val)
+        clipped_amp = (
+            trainer is not None
+            and "mixed" in str(trainer.precision)
+            and bool(trainer.gradient_clip_val)
+            and not _unscaled_mixed(trainer)
+        )
         if "fused" not in getattr(factory, "keywords", {}) and not clipped_amp and _fused_ok(factory, decay + no_decay):
             kwargs["fused"] = True  # one kernel for the whole update instead of a loop over tensors
         optimizer = factory(groups, **kwargs)
@@ -255,6 +261,19 @@ class LitGPT(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """trainer.gradient_clip_val for a fused optimizer under bf16-mixed, which Lightning refuses to clip for
+        (it guards against fp16's loss scaler, absent here: the gradients are already the true ones). Clipped
+        as Lightning clips them (the norm or the values of every parameter the optimizer holds)."""
+        if gradient_clip_val and optimizer.defaults.get("fused") and _unscaled_mixed(self._trainer):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # exact resume: dropout and sampling draw from torch's global RNG; keep it with the checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the model's config record is derived from the model itself, whatever happened to it since __init__
@@ -268,6 +287,14 @@ class LitGPT(L.LightningModule):
             torch.set_rng_state(checkpoint["rng_torch"])
         if "rng_cuda" in checkpoint and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+
+
+def _unscaled_mixed(trainer) -> bool:
+    """Lightning's own mixed-precision plugin without a loss scaler (bf16-mixed): gradients need no unscaling."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = getattr(trainer, "precision_plugin", None)
+    return type(plugin) is MixedPrecision and plugin.scaler is None
 
 
 def _fused_ok(factory, params) -> bool:
