@@ -56,10 +56,10 @@ PHASES = [
     ("import torch._dynamo (Lightning's and torch.optim's)", "torch_imported", "dynamo_imported"),
     ("import Lightning (its own modules, torchmetrics)", "dynamo_imported", "lightning_imported"),
     ("train.py, Hydra: command line, search path", "lightning_imported", "compose>"),
-    ("Hydra: compose the config (1st: the run mode)", "compose>", "compose<"),
+    ("Hydra: compose the config (1st: the run mode)", "compose>", "compose>#2"),
     ("Hydra: compose the config (2nd: the run)", "compose>#2", "compose<#2"),
     ("Hydra: run dir, logging, config files", "compose<#2", "run>"),
-    ("microgpt: checks, data, model, Trainer", "run>", "fit>"),
+    ("microgpt: checks, data, model, Trainer", "run>", "resume_gc>"),
     ("microgpt: GC freeze, defaults back (resume_gc)", "resume_gc>", "resume_gc<"),
     ("Lightning: fit set-up (optimizer, loops) to step 1", "resume_gc<", "first_step"),
 ]
@@ -72,14 +72,12 @@ def run_floor(threads: int) -> float:
     return float(out.stdout.strip().splitlines()[-1]) - t0
 
 
-def run_phases(threads: int) -> dict[str, float]:
+def run_phases(threads: int, overrides: list[str]) -> dict[str, float]:
     """One traced train.py run: {event: seconds since spawn}; a repeated event gets '#2', '#3', ..."""
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         out = Path(tmp) / "trace.jsonl"
         args = [
-            *BABY,
-            f"data.path={DATA}",
-            "print_sample=false",
+            *overrides,
             "+callbacks.first_step._target_=startup_trace.FirstStep",
             f"hydra.run.dir={tmp}/run",
         ]
@@ -130,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         others.append(wait_quiet(a.wait_quiet))
         runs["microgpt"].append(run_microgpt(BABY, a.threads)["first_step_s"])
         others.append(wait_quiet(a.wait_quiet))
-        runs["phases"].append(run_phases(a.threads))
+        runs["phases"].append(run_phases(a.threads, [*BABY, f"data.path={DATA}", "print_sample=false"]))
         print(
             f"round {r + 1}: floor {runs['floor'][-1]:.2f} s, nanoGPT {runs['nanoGPT'][-1]:.2f} s, "
             f"microgpt {runs['microgpt'][-1]:.2f} s, traced {runs['phases'][-1].get('first_step', math.nan):.2f} s",

@@ -247,6 +247,39 @@ def test_gpu_bench_dry_run_runs_every_step_on_the_cpu(tmp_path):
     assert sorted((ROOT / "bench" / "results").glob("gpu.*")) == before
 
 
+def test_startup_trace_stamps_every_phase_of_train_py_in_order(small_text):
+    """bench/startup.py's phase profile: train.py under startup_trace.py stamps each phase once, in train.py's
+    order (two Hydra compositions, then run, fit, resume_gc and the first step), and the phases tile the run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import startup
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    events = startup.run_phases(1, ["model=nano", "data=text", f"data.path={small_text}", "trainer.max_steps=2"])
+    order = [
+        "python",
+        "hydra_imported",
+        "torch_imported",
+        "dynamo_imported",
+        "lightning_imported",
+        "compose>",
+        "compose<",
+        "compose>#2",
+        "compose<#2",
+        "run>",
+        "fit>",
+        "resume_gc>",
+        "resume_gc<",
+        "first_step",
+    ]
+    times = [events[e] for e in order]  # a KeyError names a phase that was not stamped
+    assert times == sorted(times) and times[0] > 0
+    spans = startup.spans(events)
+    assert set(spans) == {label for label, _, _ in startup.PHASES}
+    assert all(v >= 0 for v in spans.values())
+    assert sum(spans.values()) == pytest.approx(events["first_step"], abs=1e-6)  # they tile spawn -> step 1
+
+
 # ---- bench/vs_nanogpt.py: seeds for nanoGPT, the val comparison over seeds ----------------------------------
 
 
