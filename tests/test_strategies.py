@@ -46,6 +46,7 @@ WEIGHT_ATOL, MOMENT_ATOL = 1e-5, 1e-6
 LOSS_RTOL = 1e-5
 
 PROBE = '''
+import gc
 import json
 
 import lightning as L
@@ -60,6 +61,11 @@ class FullValProbe(L.Callback):
 
     def __init__(self, out: str, batch_size: int = 16):
         self.out, self.batch_size = out, batch_size
+
+    def on_train_start(self, trainer, pl_module):
+        # every rank: the cyclic GC as Python sets it (train.py limits it during its start-up only)
+        with open(f"{self.out}.gc{trainer.global_rank}", "w") as f:
+            json.dump({"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()}, f)
 
     def on_train_end(self, trainer, pl_module):
         pl_module.eval()
@@ -243,6 +249,9 @@ def runs(request, work, text, probe_env):
         else:
             assert last.is_file()
             ckpt = last
+        for rank in (0, 1):  # each training process, however the strategy started it, resumed its GC
+            seen = json.loads(Path(f"{probe_out}.gc{rank}").read_text())
+            assert seen["threshold"] == [700, 10, 10] and seen["frozen"] > 100_000, (strategy, rank, seen)
         train, val = read_metrics(run_dir)
         cache[strategy] = {
             "dir": run_dir,

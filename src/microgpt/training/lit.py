@@ -265,7 +265,9 @@ class LitGPT(L.LightningModule):
         """trainer.gradient_clip_val for a fused optimizer under bf16-mixed, which Lightning refuses to clip for
         (it guards against fp16's loss scaler, absent here: the gradients are already the true ones). Clipped
         as Lightning clips them (the norm or the values of every parameter the optimizer holds)."""
-        if gradient_clip_val and optimizer.defaults.get("fused") and _unscaled_mixed(self._trainer):
+        # (DeepSpeed's and other wrappers have no `defaults`; their precision plugins are not MixedPrecision)
+        fused = (getattr(optimizer, "defaults", None) or {}).get("fused")
+        if gradient_clip_val and fused and _unscaled_mixed(self._trainer):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)

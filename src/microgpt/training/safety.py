@@ -277,6 +277,13 @@ class SafetyCallback(L.Callback):
         self.stopped: StoppedBySignal | None = None
         self._old: dict[int, Any] = {}
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # in every training process: one started by a spawning strategy (ddp_spawn) ran train.py's start-up
+        # lines on import but not microgpt.training.train.fit, where the launching process resumed its GC
+        from microgpt.lean_imports import resume_gc
+
+        resume_gc()
+
     # -- signals: the handler only records the signal. Lightning stops on `trainer.received_sigterm` (raising
     #    SIGTERMException at the next step boundary), but it reads that flag on each rank separately at several
     #    points, and its own SIGTERM handler runs a collective from inside the handler; a rank that sees the flag
