@@ -8,6 +8,7 @@ callback or an `open` hook on the subprocess's PYTHONPATH writes a marker file w
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -390,6 +391,48 @@ def test_signal_saves_a_resumable_checkpoint_exits_128_plus_signal_and_says_how_
         cp = run_cli([*args, f"trainer.max_steps={step + 3}"], env=_env(helpers))
         assert cp.returncode == 0, cp.stderr[-3000:]
         assert _step(run / "checkpoints" / "last.ckpt") == step + 3
+
+
+_SIGNAL_AT = r"""
+import os, signal
+import lightning as L
+
+
+class SignalAt(L.Callback):
+    # SIGTERM to this process at the end of training step `at`
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_a_signal_at_a_validation_step_resumes_at_the_same_logged_step(tmp_path, text, helpers):
+    """The step's validation finishes (one val batch), then the signal checkpoint is saved; on resume Lightning
+    takes such a checkpoint for one saved at that validation's end. metrics.csv must go on at the step where
+    training stopped (it went on one step too high), with the losses of an uninterrupted run."""
+    (helpers / "signal_at.py").write_text(_SIGNAL_AT)
+    common = ["data.eval_batches=1", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1"]
+    ref = tmp_path / "ref"
+    cp = run_cli(["train.py", *_nano(text, ref, *common, "trainer.max_steps=30")], env=_env(helpers))
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    run = tmp_path / "run"
+    stop = ["+callbacks.sig._target_=signal_at.SignalAt", "+callbacks.sig.at=20"]
+    cp = run_cli(["train.py", *_nano(text, run, *common, "trainer.max_steps=30", *stop)], env=_env(helpers))
+    assert cp.returncode == 143, cp.stderr[-3000:]
+    assert _step(run / "checkpoints" / "last.ckpt") == 20
+    cp = run_cli(["train.py", *_nano(text, run, *common, "trainer.max_steps=30", "ckpt_path=last")], env=_env(helpers))
+    assert cp.returncode == 0, cp.stderr[-3000:]
+
+    def train_losses(d: Path) -> dict[int, float]:
+        rows = csv.DictReader((d / "metrics.csv").open(newline=""))
+        return {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
+
+    resumed, whole = train_losses(run), train_losses(ref)
+    assert sorted(resumed) == list(range(20, 30)), sorted(resumed)  # the 21st step is logged as step 20
+    assert all(resumed[k] == pytest.approx(whole[k], abs=1e-6) for k in resumed)
 
 
 # ---- 12. a validation at the end of every run ------------------------------------------------------------------

@@ -13,6 +13,7 @@ train.py calls these in a few lines; the logic lives here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -267,6 +268,30 @@ def resume_command(out_dir: Path) -> str:
     return " ".join(["python train.py", *quoted, f"hydra.run.dir={out_dir}", "ckpt_path=last"])
 
 
+@contextlib.contextmanager
+def _as_lightning_resumes_it(trainer, validated: bool):
+    """The loop state a signal checkpoint must hold for Lightning to resume it at the right logging step.
+
+    The signal stops training after a step's validation and after Lightning counted the step for its loggers
+    (`_batches_that_stepped`, the `step` of metrics.csv). Lightning resumes a checkpoint whose last batch is
+    complete at a validation step as if it had been saved by ModelCheckpoint at that validation's end, before
+    that count, and counts the step again: every logged step after the resume would be one too high. So such a
+    checkpoint is saved with the count Lightning expects there (one less); the live loop is left as it was.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    count = getattr(loop, "_batches_that_stepped", None)
+    total = loop.batch_progress.total
+    on_last = total.ready == total.started == total.processed == total.completed
+    if validated and on_last and count is not None and count == trainer.global_step:
+        loop._batches_that_stepped = count - 1
+        try:
+            yield
+        finally:
+            loop._batches_that_stepped = count
+    else:
+        yield
+
+
 class SafetyCallback(L.Callback):
     """Signals, the end-of-training validation and the end-of-run sample (see the module docstring)."""
 
@@ -276,6 +301,11 @@ class SafetyCallback(L.Callback):
         self.signum: int | None = None
         self.stopped: StoppedBySignal | None = None
         self._old: dict[int, Any] = {}
+        self._validated_at = -1  # the global step of the last finished validation during training
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._validated_at = trainer.global_step
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # in every training process: one started by a spawning strategy (ddp_spawn) ran train.py's start-up
@@ -350,7 +380,8 @@ class SafetyCallback(L.Callback):
             # recorded in the saved state, so that the resumed run overwrites last.ckpt instead of adding last-v1
             ck.last_model_path = str(path)
         try:
-            trainer.save_checkpoint(path)
+            with _as_lightning_resumes_it(trainer, validated=self._validated_at == trainer.global_step):
+                trainer.save_checkpoint(path)
         except MicroGPTError as e:
             log.error("could not save a checkpoint on %s: %s", signal.Signals(signum).name, e)
             path = None
