@@ -309,9 +309,11 @@ def summarize(nano: list[dict], micro: list[dict], seeds: dict[str, dict[int, fl
     return lines, summary
 
 
-def run_seeds(seeds: list[int], overrides: list[str], threads: int, jobs: int) -> dict[str, dict[int, float]]:
-    """Both sides' final val loss for every seed. Val loss does not depend on timing, so with jobs > 1 the runs
-    go `jobs` at a time (threads // jobs torch threads each)."""
+def run_seeds(
+    seeds: list[int], overrides: list[str], threads: int, jobs: int, impls: tuple[str, ...] = ("nanoGPT", "microgpt")
+) -> dict[str, dict[int, float]]:
+    """Each side's (`impls`) final val loss for every seed. Val loss does not depend on timing, so with jobs > 1
+    the runs go `jobs` at a time (threads // jobs torch threads each)."""
     from concurrent.futures import ThreadPoolExecutor
 
     per = max(1, threads // max(1, jobs))
@@ -327,7 +329,7 @@ def run_seeds(seeds: list[int], overrides: list[str], threads: int, jobs: int) -
         return impl, s, r["val_loss"]
 
     out: dict[str, dict[int, float]] = {"nanoGPT": {}, "microgpt": {}}
-    tasks = [(impl, s) for s in seeds for impl in ("nanoGPT", "microgpt")]
+    tasks = [(impl, s) for s in seeds for impl in impls]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for impl, s, v in pool.map(one, tasks):
             out[impl][s] = v
@@ -341,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed-jobs", type=int, default=1, help="seed runs at a time (val loss needs no quiet machine)")
     ap.add_argument(
         "--seeds-from", type=Path, default=None, help="take the seed comparison from an earlier result json"
+    )
+    ap.add_argument(
+        "--rerun-seeds",
+        choices=["microgpt", "nanoGPT"],
+        default=None,
+        help="with --seeds-from: run this side's seeds again (after a change to it), keep the other side's",
     )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--wait-quiet", type=float, default=120, help="seconds to wait for a quiet machine per run")
@@ -368,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.seeds_from:
         seeds_doc = json.loads(a.seeds_from.read_text())
         seeds = {k: {int(s): v for s, v in d.items()} for k, d in seeds_doc["summary"]["val_seeds"]["runs"].items()}
+        if a.rerun_seeds:
+            again = sorted(seeds[a.rerun_seeds])
+            seeds.update(run_seeds(again, a.overrides, a.threads, a.seed_jobs, impls=(a.rerun_seeds,)))
     elif a.seeds:
         seeds = run_seeds(a.seeds, a.overrides, a.threads, a.seed_jobs)
     else:
@@ -387,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if seeds_doc is not None:
         doc["seeds_from"] = {"path": str(a.seeds_from), "date": seeds_doc["date"], "command": seeds_doc["command"]}
+        doc["seeds_rerun"] = a.rerun_seeds
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{a.out}.json").write_text(json.dumps(doc, indent=1))
     md = [
@@ -399,7 +411,15 @@ def main(argv: list[str] | None = None) -> int:
         *lines,
         "",
     ]
-    if seeds_doc is not None:
+    if seeds_doc is not None and a.rerun_seeds:
+        kept = "microgpt" if a.rerun_seeds == "nanoGPT" else "nanoGPT"
+        md += [
+            f"The val-loss row over seeds: {a.rerun_seeds}'s seeds were run again by this command "
+            f"({a.seed_jobs} at a time, {max(1, a.threads // max(1, a.seed_jobs))} thread(s) each; val loss does not "
+            f"depend on timing); {kept}'s come from `{seeds_doc['command']}` ({seeds_doc['date']}).",
+            "",
+        ]
+    elif seeds_doc is not None:
         md += [
             f"The val-loss row over seeds comes from `{seeds_doc['command']}` ({seeds_doc['date']}): val loss does "
             "not depend on machine load, so those runs went two at a time while the machine was shared.",
