@@ -378,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         seeds = {k: {int(s): v for s, v in d.items()} for k, d in seeds_doc["summary"]["val_seeds"]["runs"].items()}
         if a.rerun_seeds:
             again = sorted(seeds[a.rerun_seeds])
-            seeds.update(run_seeds(again, a.overrides, a.threads, a.seed_jobs, impls=(a.rerun_seeds,)))
+            seeds[a.rerun_seeds] = run_seeds(again, a.overrides, a.threads, a.seed_jobs, impls=(a.rerun_seeds,))[
+                a.rerun_seeds
+            ]
     elif a.seeds:
         seeds = run_seeds(a.seeds, a.overrides, a.threads, a.seed_jobs)
     else:
