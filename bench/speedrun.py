@@ -24,7 +24,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_nanogpt import BASELINE, DATA, RESULTS, machine, machine_lines, run_microgpt, run_nanogpt, wait_quiet  # noqa: E402
+from vs_nanogpt import (  # noqa: E402
+    RESULTS,
+    machine,
+    machine_lines,
+    reference_missing,
+    run_microgpt,
+    run_nanogpt,
+    wait_quiet,
+)
 
 RECIPE = ["experiment=shakespeare_speedrun"]
 
@@ -79,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overrides", nargs="*", default=[], help="extra train.py overrides for the recipe")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
-    if not BASELINE.is_file() or not DATA.is_file():
-        print(f"error: {BASELINE} or {DATA} not found; set MICROGPT_SHARED to the shared/ folder", file=sys.stderr)
+    if reference_missing():
         return 2
     start = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     rounds = []

@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 from vs_nanogpt import (  # noqa: E402  (same folder)
-    BASELINE,
     DATA,
     PY,
     RESULTS,
     machine,
     machine_lines,
+    reference_missing,
     run_microgpt,
     run_nanogpt,
     wait_quiet,
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-quiet", type=float, default=30, help="seconds to wait for a quiet machine per run")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
-    if not BASELINE.is_file() or not DATA.is_file():
-        print(f"error: {BASELINE} or {DATA} not found; set MICROGPT_SHARED to the shared/ folder", file=sys.stderr)
+    if reference_missing():
         return 2
     start = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     mach = machine()

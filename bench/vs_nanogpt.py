@@ -105,6 +105,15 @@ def nanogpt_seed_args(seed: int | None, folder: Path) -> list[str]:
     return [str(path)]
 
 
+def reference_missing() -> bool:
+    """nanoGPT's runner or the corpus is not beside the checkout: say so in one line (the side-by-side benchmarks
+    need the developers' ../shared folder)."""
+    if BASELINE.is_file() and DATA.is_file():
+        return False
+    print(f"error: {BASELINE} or {DATA} not found; set MICROGPT_SHARED to the shared/ folder", file=sys.stderr)
+    return True
+
+
 def run_nanogpt(
     threads: int,
     timeout: float = 1800,
@@ -356,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="vs_nanogpt", help="results/<out>.{json,md} (default vs_nanogpt)")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
-    if not BASELINE.is_file() or not DATA.is_file():
-        print(f"error: {BASELINE} or {DATA} not found; set MICROGPT_SHARED to the shared/ folder", file=sys.stderr)
+    if reference_missing():
         return 2
     start = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     mach = machine()
