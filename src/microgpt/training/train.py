@@ -413,7 +413,7 @@ def fit(trainer, module, dm, ckpt_path: str | None, out_dir: Path) -> None:
     if ckpt_path and old_metrics.is_file() and trainer.is_global_zero:
         # CSVLogger starts metrics.csv afresh: keep the log of the steps before this resume
         old_metrics.rename(out_dir / f"metrics.before-{Path(ckpt_path).stem}-{os.getpid()}.csv")
-    resume_gc()  # train.py paused the cyclic GC for its start-up
+    resume_gc()  # train.py limited the cyclic GC to young objects for its start-up
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
 
 
