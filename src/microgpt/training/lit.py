@@ -293,10 +293,8 @@ class LitGPT(L.LightningModule):
 
 def _unscaled_mixed(trainer) -> bool:
     """Lightning's own mixed-precision plugin without a loss scaler (bf16-mixed): gradients need no unscaling."""
-    from lightning.pytorch.plugins.precision import MixedPrecision
-
     plugin = getattr(trainer, "precision_plugin", None)
-    return type(plugin) is MixedPrecision and plugin.scaler is None
+    return type(plugin) is L.pytorch.plugins.precision.MixedPrecision and plugin.scaler is None
 
 
 def _fused_ok(factory, params) -> bool:

@@ -282,14 +282,14 @@ def _as_lightning_resumes_it(trainer, validated: bool):
     count = getattr(loop, "_batches_that_stepped", None)
     total = loop.batch_progress.total
     on_last = total.ready == total.started == total.processed == total.completed
-    if validated and on_last and count is not None and count == trainer.global_step:
+    adjust = validated and on_last and count is not None and count == trainer.global_step
+    if adjust:
         loop._batches_that_stepped = count - 1
-        try:
-            yield
-        finally:
-            loop._batches_that_stepped = count
-    else:
+    try:
         yield
+    finally:
+        if adjust:
+            loop._batches_that_stepped = count
 
 
 class SafetyCallback(L.Callback):
